@@ -63,7 +63,9 @@ class ModelConfig(BaseModel):
             width = self.width(level)
             if width % NORM_GROUPS:
                 raise ValueError(f"level {level} has {width} channels, not divisible by {NORM_GROUPS} groups")
-            if self.level_res(level) in self.attn_resos and width % HEAD_CHANNELS:
+            # The middle block always has attention, at the deepest level.
+            has_attention = self.level_res(level) in self.attn_resos or level == levels - 1
+            if has_attention and width % HEAD_CHANNELS:
                 raise ValueError(f"attention at level {level} needs a multiple of {HEAD_CHANNELS} channels, got {width}")
         return self
 

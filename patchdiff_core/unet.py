@@ -103,7 +103,7 @@ class PatchedUNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         temb = self.time_mlp(timestep_encoding(t, cfg.c))
-        cemb = None
+        cond, cemb = temb, None  # what the blocks see; the variance head sees temb alone
         if cfg.conditional:
             if y is None:
                 y = torch.full_like(t, self.null_label)
@@ -111,18 +111,18 @@ class PatchedUNet(nn.Module):
             if cfg.gated:
                 cemb = label
             else:
-                temb = temb + label
+                cond = temb + label
 
         h = self.stem(patchify(x, cfg.patch_size)) + self.pos_emb.to(x.dtype)
         stem_out = h
         skips = [h]
         for layer in self.encoder:
-            h = layer(h, temb, cemb)
+            h = layer(h, cond, cemb)
             skips.append(h)
         for layer in self.middle:
-            h = layer(h, temb, cemb)
+            h = layer(h, cond, cemb)
         for layer in self.decoder:
-            h = layer(torch.cat([h, skips.pop()], dim=1), temb, cemb)
+            h = layer(torch.cat([h, skips.pop()], dim=1), cond, cemb)
 
         mean = self.mean_head(h)
         # The variance head sees the stem output and the final features but must not train them:

@@ -61,8 +61,8 @@ class _ReadSource:
         self.arrays = [np.asarray(a) for a in arrays]
         self.index = 0
 
-    def top(self, kind: str) -> None:  # grouping is irrelevant when reading
-        pass
+    def top(self, kind: str) -> str:  # grouping is irrelevant when reading
+        return kind
 
     def name(self, kind: str) -> str:
         return kind
@@ -94,8 +94,10 @@ class _RandomSource:
         self.counts[kind] += 1
         return kind if n == 0 else f"{kind}_{n}"
 
-    def top(self, kind: str) -> None:
-        self.groups.append((self._unique(kind), []))
+    def top(self, kind: str) -> str:
+        name = self._unique(kind)
+        self.groups.append((name, []))
+        return name
 
     def name(self, kind: str) -> str:
         return self._unique(kind)
@@ -122,13 +124,13 @@ class _RandomSource:
 # Network construction: the original __init__, creation order = Keras weight order
 
 
-def _dense(src, cin: int, units: int) -> dict:
-    n = src.name("dense")
+def _dense(src, cin: int, units: int, name: str | None = None) -> dict:
+    n = name or src.name("dense")
     return {"kernel": src.var(n, "kernel", (cin, units)), "bias": src.var(n, "bias", (units,))}
 
 
-def _conv(src, cin: int, filters: int) -> dict:
-    n = src.name("conv2d")
+def _conv(src, cin: int, filters: int, name: str | None = None) -> dict:
+    n = name or src.name("conv2d")
     return {"kernel": src.var(n, "kernel", (3, 3, cin, filters)), "bias": src.var(n, "bias", (filters,))}
 
 
@@ -174,14 +176,12 @@ def build(cfg: dict, src) -> dict:
     net: dict = {}
 
     if num_classes > 1:
-        src.top("embedding")
+        n = src.top("embedding")  # a top-level layer's group is named like the layer itself
         width = c if se else int(c * c_mult[-1])
-        n = src.name("embedding")
         net["label_embs"] = src.var(n, "embeddings", (num_classes + 1, width))
     src.top("sequential")
     net["temb"] = [_dense(src, c, 4 * c), _dense(src, 4 * c, temb_dim)]
-    src.top("conv2d")
-    net["in_proj"] = _conv(src, c_out, c)
+    net["in_proj"] = _conv(src, c_out, c, name=src.top("conv2d"))
 
     # input layers; `widths` tracks the channel count of each stored activation (the skips)
     current_reso = resolution
@@ -235,8 +235,7 @@ def build(cfg: dict, src) -> dict:
 
     src.top("sequential")
     net["out_proj"] = {"norm": _gn(src, ch), "conv": _conv(src, ch, c_out)}
-    src.top("dense")
-    net["var_temb"] = _dense(src, temb_dim, 2 * c)
+    net["var_temb"] = _dense(src, temb_dim, 2 * c, name=src.top("dense"))
     src.top("sequential")
     net["var_model"] = [_conv(src, c + ch, c), _conv(src, c, c_out)]
     src.finish()

@@ -20,6 +20,15 @@ from patchdiff_core.errors import CheckpointError
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is much faster than contending with other CPU work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- the reference itself -----------------------------------------------------------------------
 
 
