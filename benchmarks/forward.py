@@ -79,6 +79,8 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "cpu cores (os)": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
     }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings
+        info["load average (1/5/15 min, at start)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
@@ -169,7 +171,9 @@ def bench_config(
         if out_of_memory:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            results.append(Result(**common, median_s=None, min_s=None, images_per_s=None, gflops_per_s=None, note="OOM"))
+            results.append(
+                Result(**common, median_s=None, min_s=None, images_per_s=None, gflops_per_s=None, note="OOM")
+            )
             continue
         median = statistics.median(times)
         results.append(

@@ -7,6 +7,7 @@ and exit with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -201,6 +202,67 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"wrote {args.export} (EMA weights, step {trainer.step})")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    settings = get_settings()
+    if args.port:
+        settings = settings.model_copy(update={"api_port": args.port})
+        os.environ["PATCHDIFF_API_PORT"] = str(args.port)
+    raise SystemExit(serve(settings, workers=args.workers))
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from worker.main import run_worker
+
+    run_worker(burst=args.burst)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Submit to a running service, follow its progress, download the grid."""
+    from tqdm import tqdm
+
+    from .client import PatchdiffClient, ServiceError
+
+    request = {
+        "model": args.model, "num_images": args.num_images, "timesteps": args.timesteps,
+        "sampler": args.sampler, "guidance": args.guidance, "seed": args.seed,
+    }
+    if args.class_label and len(args.class_label) == 1:
+        request["class_label"] = args.class_label[0]
+    elif args.class_label:
+        request["class_labels"] = [args.class_label[i % len(args.class_label)] for i in range(args.num_images)]
+    api_key = args.api_key or os.environ.get("PATCHDIFF_API_KEY")
+    try:
+        with PatchdiffClient(args.server, api_key) as client:
+            job = client.submit(**request)
+            print(f"job {job['id']} (seed {job['request']['seed']})", file=sys.stderr)
+            with tqdm(total=None, unit="step", disable=args.quiet) as bar:
+
+                def progress(status: dict) -> None:
+                    total = status["progress"]["total"]
+                    if total:
+                        bar.total = total
+                        bar.update(status["progress"]["step"] - bar.n)
+                    bar.set_postfix_str(status["status"])
+
+                job = client.wait(job["id"], progress, poll_s=args.poll)
+            if job["status"] != "finished":
+                raise PatchdiffError(f"job {job['id']} {job['status']}: {job.get('error')}")
+            Path(args.out).write_bytes(client.grid(job["id"]))
+    except ServiceError as exc:
+        raise PatchdiffError(str(exc)) from None
+    except httpx_errors() as exc:
+        raise PatchdiffError(f"cannot reach {args.server}: {exc}") from None
+    print(f"wrote {args.out}")
+
+
+def httpx_errors():
+    import httpx
+
+    return httpx.TransportError
+
+
 _FLAG = {"class_labels": "class-label", "timesteps": "timesteps", "guidance": "guidance"}
 
 
@@ -263,6 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="start the whole service: (embedded) Redis, API and workers")
+    p.add_argument("--workers", type=_positive, default=1)
+    p.add_argument("--port", type=int, help="API port (default PATCHDIFF_API_PORT or 8000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run one worker (needs PATCHDIFF_REDIS_URL)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("generate", help="generate through a running service and download the grid")
+    p.add_argument("--server", default=os.environ.get("PATCHDIFF_SERVER", "http://127.0.0.1:8000"))
+    p.add_argument("--api-key", help="or PATCHDIFF_API_KEY")
+    p.add_argument("--model")
+    p.add_argument("--num-images", type=_positive, default=16)
+    p.add_argument("--class-label", type=int, action="append")
+    p.add_argument("--timesteps")
+    p.add_argument("--sampler", choices=["ancestral", "ddim"])
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=_seed)
+    p.add_argument("--out", default="grid.png")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between status polls")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

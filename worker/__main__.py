@@ -1,0 +1,3 @@
+from .main import run_worker
+
+run_worker()
