@@ -57,3 +57,13 @@ def tiny_model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
     save_model(model, path, {"model": "tiny", "classes": json.dumps([f"c{i}" for i in range(10)])})
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A private real redis-server for the session (the machine's own Redis is not assumed)."""
+    from service_harness import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
