@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         trainer.run(save_every=args.save_every, log_every=args.log_every, on_log=on_log)
     if args.export:
-        command = "patchdiff " + shlex.join(sys.argv[1:]) if args.command_line is None else args.command_line
+        command = "patchdiff " + shlex.join(args.argv)
         trainer.export(args.export, args.name or Path(args.export).stem, classes or None, command=command)
         print(f"wrote {args.export} (EMA weights, step {trainer.step})")
 
@@ -322,7 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive, default=50)
     p.add_argument("--export", type=Path, help="write the EMA weights here when done (safetensors)")
     p.add_argument("--name", help="model name stored in the exported file (default: its stem)")
-    p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -355,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in exported models
     try:
         args.func(args)
     except PatchdiffError as exc:

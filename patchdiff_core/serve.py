@@ -28,6 +28,13 @@ def start_embedded_redis(data_dir: Path):
     return Redis(str(data_dir / "redis.rdb"), serverconfig={"appendonly": "yes"})
 
 
+def stop_embedded_redis(server) -> None:
+    try:
+        server.shutdown(save=True, now=True, force=True)
+    except Exception:  # noqa: BLE001 - the server drops the connection as it stops
+        pass
+
+
 def serve(settings: Settings, workers: int = 1) -> int:
     env = dict(os.environ)
     embedded = None
@@ -76,8 +83,5 @@ def serve(settings: Settings, workers: int = 1) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         if embedded is not None:
-            try:
-                embedded.shutdown(save=True, now=True, force=True)
-            except Exception:  # noqa: BLE001 - the server closes the connection as it stops
-                pass
+            stop_embedded_redis(embedded)
     return code

@@ -1,0 +1,102 @@
+"""Smoke tests of the pure parts of benchmarks/digits_quality.py (no trained model needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("scipy")
+pytest.importorskip("torch")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load():
+    name = "patchdiff_benchmarks_digits_quality"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "digits_quality.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+dq = _load()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dq.build_reference()
+
+
+def test_classifier_held_out_accuracy(reference):
+    assert reference.held_out_accuracy > 0.9
+    assert len(reference.test_index) == pytest.approx(0.25 * len(reference.labels), abs=1)
+
+
+def test_round_trip_through_training_images(reference):
+    """A real digit as the model is trained on it (digits_dataset at 32 px), downscaled back."""
+    images, labels = dq.real_digits_uint8(32)
+    assert images.shape == (len(reference.labels), 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(labels, reference.labels)
+    x8 = dq.to_digit_scale(images)
+    assert x8.shape == (len(labels), 64)
+    assert x8.min() >= 0.0 and x8.max() <= 16.0
+    # Close to the original 8x8 digit (0..16 scale): bicubic up + box down only blurs a little.
+    err = np.abs(x8 - reference.data)
+    assert err.mean() < 1.0 and err.max() < 6.0
+    np.testing.assert_allclose(x8, reference.round_trip)
+    # The first held-out digit of every class is classified correctly, and nearly all of them are.
+    test = reference.test_index
+    first = [test[labels[test] == c][0] for c in range(10)]
+    assert list(reference.predict(x8[first])) == list(range(10))
+    assert (reference.predict(x8[test]) == labels[test]).mean() > 0.95
+
+
+def test_to_digit_scale_is_channel_mean_and_box_average():
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, size=(2, 32, 32), dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    expected = grey.reshape(2, 8, 4, 8, 4).astype(float).mean(axis=(2, 4)).reshape(2, 64) / 255 * 16
+    np.testing.assert_allclose(dq.to_digit_scale(rgb), expected)
+    np.testing.assert_allclose(dq.to_digit_scale(grey), expected)
+    assert dq.to_digit_scale(np.full((1, 32, 32, 3), 255, np.uint8)).max() == 16.0
+    with pytest.raises(ValueError):
+        dq.to_digit_scale(np.zeros((1, 30, 30, 3), np.uint8))
+
+
+def test_diversity(reference):
+    labels = np.repeat(np.arange(10), 5)
+    identical = np.repeat(reference.round_trip[:1], len(labels), axis=0)
+    score, per_class = dq.diversity(identical, labels, reference.mean_distance)
+    assert score == 0.0 and set(per_class) == set(range(10))
+    # The real (round-tripped) digits against themselves: exactly 1 for every class.
+    score, per_class = dq.diversity(reference.round_trip, reference.labels, reference.mean_distance)
+    assert score == pytest.approx(1.0)
+    assert all(v == pytest.approx(1.0) for v in per_class.values())
+    assert dq.mean_pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])) == pytest.approx(10 / 3)
+
+
+def test_accuracy_and_settings():
+    overall, per_class = dq.accuracy(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]))
+    assert overall == 0.75 and per_class == {0: 1.0, 1: 0.5, 2: 1.0}
+    settings = dq.parse_settings(dq.DEFAULT_SETTINGS)
+    assert len(settings) == 8
+    assert settings[0] == dq.Setting("ancestral", "250", 1.0) and settings[-1] == dq.Setting("ddim", "20", 1.5)
+    assert dq.parse_settings("ddim:ddim50:2") == [dq.Setting("ddim", "ddim50", 2.0)]
+    for bad in ("ddim:20", "euler:20:1.0", ""):
+        with pytest.raises(ValueError):
+            dq.parse_settings(bad)
+
+
+def test_markdown_table(reference):
+    row = dq.real_row(reference)
+    text = dq.render_markdown({"model": "x"}, [row])
+    header, rule, line = text.splitlines()[2:5]
+    assert header.count("|") == rule.count("|") == line.count("|") == 16
+    assert "real digits" in line

@@ -1,0 +1,712 @@
+"""Static checks of the container setup: docker/*.Dockerfile, docker-compose.yml and its CPU override,
+.env.example and .dockerignore, against the code they run.
+
+No Docker engine is needed. When a Compose v2 CLI is installed (`docker compose`, or a standalone
+v2 `docker-compose`), `config -q` validates the files as Compose itself reads them; that one check is
+skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = REPO / "docker-compose.yml"
+COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+API_DOCKERFILE = REPO / "docker" / "api.Dockerfile"
+WORKER_DOCKERFILE = REPO / "docker" / "worker.Dockerfile"
+DOCKERFILES = [API_DOCKERFILE, WORKER_DOCKERFILE]
+PATCHDIFF_VAR = re.compile(r"\bPATCHDIFF_[A-Z0-9_]*[A-Z0-9]")
+
+
+# -- reading the files ---------------------------------------------------------------------------
+
+class _Reset:
+    """Compose's `!reset` tag: drop what the files before defined for this key."""
+
+    def __repr__(self) -> str:
+        return "!reset"
+
+
+RESET = _Reset()
+
+
+class _Override:
+    """Compose's `!override` tag: replace instead of merging."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_any(loader: yaml.SafeLoader, node: yaml.Node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+ComposeLoader.add_constructor("!override", lambda loader, node: _Override(_construct_any(loader, node)))
+
+
+def load_compose(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=ComposeLoader)
+
+
+def merge(base, override):
+    """Compose's merge of a later file into an earlier one, for the keys these files use: mappings
+    merge key by key, sequences are appended to (so an empty list does not remove anything),
+    `!reset` removes and `!override` replaces."""
+    if isinstance(override, _Override):
+        return override.value
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            if value is RESET:
+                out.pop(key, None)
+            elif key in out:
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value.value if isinstance(value, _Override) else value
+        return out
+    if isinstance(base, list) and isinstance(override, list):
+        return base + [v for v in override if v not in base]
+    return override
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+        values[key.strip()] = value.strip()
+    return values
+
+
+_INTERPOLATION = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, _Override):
+        yield from _strings(value.value)
+    elif isinstance(value, str):
+        yield value
+
+
+def interpolated_vars(data) -> dict[str, list[str | None]]:
+    """{VAR: the operator of each use (':-', '-', ':?', ... or None)} for each ${VAR...} / $VAR that
+    compose interpolates in the parsed file (values, not comments; `$$` is an escaped `$`, left to
+    the container's shell)."""
+    found: dict[str, list[str | None]] = {}
+    for text in _strings(data):
+        for m in _INTERPOLATION.finditer(text):
+            if not m.group("escaped"):
+                found.setdefault(m.group("braced") or m.group("named"), []).append(m.group("op"))
+    return found
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's interpolation of a (string) value; `$$` becomes `$`."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group("escaped"):
+            return "$"
+        name = m.group("braced") or m.group("named")
+        op, arg = m.group("op"), m.group("arg")
+        present = name in env
+        nonempty = bool(env.get(name))
+        if op == ":-":
+            return env[name] if nonempty else arg
+        if op == "-":
+            return env[name] if present else arg
+        if op in (":?", "?"):
+            if not (nonempty if op == ":?" else present):
+                raise KeyError(f"{name} is required: {arg}")
+            return env[name]
+        if op == ":+":
+            return arg if nonempty else ""
+        if op == "+":
+            return arg if present else ""
+        return env.get(name, "")
+
+    return _INTERPOLATION.sub(sub, value)
+
+
+def service_env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+class Dockerfile:
+    """The instructions of a Dockerfile: comments dropped, continuation lines joined."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.instructions: list[tuple[str, str]] = []
+        pending = ""
+        for raw in path.read_text().splitlines():
+            stripped = raw.strip()
+            if stripped.startswith("#"):
+                continue  # comments (and parser directives), also inside continued instructions
+            if not stripped and not pending:
+                continue
+            pending += " " + stripped if pending else stripped
+            if pending.endswith("\\"):
+                pending = pending[:-1].rstrip()
+                continue
+            if pending:
+                keyword, _, rest = pending.partition(" ")
+                self.instructions.append((keyword.upper(), rest.strip()))
+            pending = ""
+        assert not pending, f"{path.name}: ends inside a continued instruction"
+
+    def all(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+    def one(self, keyword: str) -> str:
+        found = self.all(keyword)
+        assert len(found) == 1, f"{self.path.name}: expected one {keyword}, found {len(found)}"
+        return found[0]
+
+    @staticmethod
+    def exec_form(rest: str) -> list[str]:
+        assert rest.startswith("["), f"not the exec (JSON) form: {rest!r}"
+        return json.loads(rest)
+
+    def copies(self) -> list[tuple[list[str], str]]:
+        """[(sources, destination)] of COPY/ADD instructions that copy from the build context."""
+        out = []
+        for rest in self.all("COPY") + self.all("ADD"):
+            args = self.exec_form(rest) if rest.startswith("[") else shlex.split(rest)
+            if any(a.startswith("--from") for a in args):
+                continue
+            args = [a for a in args if not a.startswith("--")]
+            out.append((args[:-1], args[-1]))
+        return out
+
+    def arg_defaults(self) -> dict[str, str]:
+        out = {}
+        for rest in self.all("ARG"):
+            name, sep, default = rest.partition("=")
+            if sep:
+                out[name.strip()] = default.strip().strip('"')
+        return out
+
+    def healthcheck_command(self) -> list[str]:
+        rest = self.one("HEALTHCHECK")
+        cmd = rest[rest.index("CMD ") + 4:].strip()
+        return self.exec_form(cmd)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def compose_cpu() -> dict:
+    return load_compose(COMPOSE_CPU)
+
+
+@pytest.fixture(scope="module")
+def merged(compose, compose_cpu) -> dict:
+    return merge(compose, compose_cpu)
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    return read_env_file(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def settings_fields() -> set[str]:
+    from patchdiff_core.settings import Settings
+
+    return {"PATCHDIFF_" + name.upper() for name in Settings.model_fields}
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _resolved_service_envs(compose: dict, env: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {name: interpolate(service_env(svc), env) for name, svc in compose["services"].items()}
+
+
+# -- files, builds and COPY sources ---------------------------------------------------------------
+
+def test_compose_files_parse_and_name_the_services(compose, compose_cpu):
+    assert {"redis", "minio", "minio-init", "api", "worker"} <= set(compose["services"])
+    assert set(compose_cpu["services"]) <= set(compose["services"]), "the override adds no service"
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU])
+def test_every_build_dockerfile_exists(path, compose):
+    data = load_compose(path)
+    for name, svc in data["services"].items():
+        build = svc.get("build")
+        if build is None:
+            continue
+        base = compose["services"][name].get("build") or {}
+        build = merge(base, build) if isinstance(build, dict) else {"context": build}
+        context = (REPO / build.get("context", ".")).resolve()
+        assert context.is_dir(), f"{name}: build context {context} missing"
+        dockerfile = context / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+
+
+def test_api_and_worker_build_the_two_dockerfiles(compose):
+    for name, dockerfile in (("api", API_DOCKERFILE), ("worker", WORKER_DOCKERFILE)):
+        build = compose["services"][name]["build"]
+        assert (REPO / build["context"] / build["dockerfile"]).resolve() == dockerfile
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_copied_path_exists(path):
+    copies = Dockerfile(path).copies()
+    assert copies, f"{path.name} copies nothing"
+    for sources, _ in copies:
+        for src in sources:
+            assert (REPO / src).exists(), f"{path.name}: COPY {src}: no such file or directory in the repository"
+
+
+def test_dockerignore_keeps_copied_paths_and_drops_local_state():
+    patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    for must in (".venv", ".git", "runs", "data", "tests", ".env", "**/__pycache__"):
+        assert must in patterns, f".dockerignore does not exclude {must}"
+    copied = {src.rstrip("/").split("/")[0] for path in DOCKERFILES for sources, _ in Dockerfile(path).copies()
+              for src in sources}
+    for top in copied:
+        assert top not in patterns, f".dockerignore excludes {top}, which a Dockerfile copies"
+
+
+def test_api_image_gets_the_manifest_but_no_weights():
+    for sources, _ in Dockerfile(API_DOCKERFILE).copies():
+        for src in sources:
+            assert not src.endswith(".safetensors"), f"the API image copies weights: {src}"
+            assert src.rstrip("/") != "weights", "the API image copies the whole weights/ directory"
+    assert any("weights/manifest.json" in sources for sources, _ in Dockerfile(API_DOCKERFILE).copies())
+
+
+def test_images_copy_the_packages_that_setuptools_finds(pyproject):
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    api_copied = {s.rstrip("/") for sources, _ in Dockerfile(API_DOCKERFILE).copies() for s in sources}
+    worker_copied = {s.rstrip("/") for sources, _ in Dockerfile(WORKER_DOCKERFILE).copies() for s in sources}
+    assert {"pyproject.toml", "patchdiff_core", "api"} <= api_copied
+    assert {"pyproject.toml", "patchdiff_core", "worker", "weights"} <= worker_copied
+    assert (api_copied | worker_copied) & {"patchdiff_core", "api", "worker"} <= packages
+    if (REPO / "README.md").exists():  # pyproject's `readme`: only a warning when missing
+        assert "README.md" in api_copied and "README.md" in worker_copied
+
+
+# -- environment variables ------------------------------------------------------------------------
+
+def test_every_patchdiff_variable_is_a_settings_field(settings_fields):
+    for path in [COMPOSE, COMPOSE_CPU, ENV_EXAMPLE, *DOCKERFILES]:
+        unknown = set(PATCHDIFF_VAR.findall(path.read_text())) - settings_fields
+        assert not unknown, f"{path.name} names PATCHDIFF_ variables that Settings does not read: {sorted(unknown)}"
+
+
+def test_every_interpolated_variable_is_in_env_example_and_has_a_default(env_example):
+    for path in [COMPOSE, COMPOSE_CPU]:
+        for name, ops in interpolated_vars(load_compose(path)).items():
+            assert name in env_example, f"{path.name} interpolates ${{{name}}}, which .env.example lacks"
+            assert all(op in (":-", "-") for op in ops), \
+                f"{path.name}: a ${{{name}}} has no default, so compose fails without a .env"
+
+
+def test_env_example_has_only_variables_that_compose_uses(env_example):
+    used = set(interpolated_vars(load_compose(COMPOSE))) | set(interpolated_vars(load_compose(COMPOSE_CPU)))
+    assert set(env_example) <= used, f".env.example sets unused variables: {sorted(set(env_example) - used)}"
+
+
+def test_api_keys_are_off_in_compose_but_on_in_env_example(compose, env_example):
+    assert _resolved_service_envs(compose, {})["api"]["PATCHDIFF_API_KEYS"] == ""
+    assert env_example["PATCHDIFF_API_KEYS"].strip(), ".env.example must turn API keys on"
+    with_keys = _resolved_service_envs(compose, env_example)["api"]["PATCHDIFF_API_KEYS"]
+    assert with_keys == env_example["PATCHDIFF_API_KEYS"]
+
+
+@pytest.mark.parametrize("source", ["defaults", "env_example"])
+@pytest.mark.parametrize("service", ["api", "worker"])
+def test_service_environment_makes_valid_settings(compose, merged, env_example, service, source, monkeypatch):
+    """What Settings() reads in the container: the image's ENV, then compose's environment."""
+    from patchdiff_core.settings import Settings
+
+    env = env_example if source == "env_example" else {}
+    dockerfile = Dockerfile(API_DOCKERFILE if service == "api" else WORKER_DOCKERFILE)
+    for data in (compose, merged):
+        build_args = {**dockerfile.arg_defaults(), **(data["services"][service]["build"].get("args") or {})}
+        image_env = {}
+        for rest in dockerfile.all("ENV"):
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                image_env[key] = re.sub(r"\$\{?(\w+)\}?", lambda m, a=build_args: a[m.group(1)], value)
+        for key in list(os.environ):
+            if key.startswith("PATCHDIFF_"):
+                monkeypatch.delenv(key)
+        for key, value in {**image_env, **_resolved_service_envs(data, env)[service]}.items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        assert settings.redis_url == "redis://redis:6379/0"
+        assert settings.store_s3_bucket and settings.store_s3_endpoint_url == "http://minio:9000"
+        assert str(settings.weights_dir) == "/app/weights"
+        if service == "api":
+            assert bool(settings.api_keys) == bool(env.get("PATCHDIFF_API_KEYS"))
+        else:
+            assert settings.device == ("cuda" if data is compose else "cpu")
+            assert settings.served_models
+
+
+def test_api_and_worker_share_redis_and_store_settings(compose, env_example):
+    for env in ({}, env_example):
+        envs = _resolved_service_envs(compose, env)
+        for key in ("PATCHDIFF_REDIS_URL", "PATCHDIFF_STORE_S3_BUCKET", "PATCHDIFF_STORE_S3_PREFIX",
+                    "PATCHDIFF_STORE_S3_ENDPOINT_URL", "PATCHDIFF_DEFAULT_MODEL", "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            assert envs["api"][key] == envs["worker"][key], key
+        assert envs["api"]["PATCHDIFF_REDIS_URL"] == "redis://redis:6379/0"
+        assert envs["api"]["PATCHDIFF_STORE_S3_ENDPOINT_URL"] == "http://minio:9000"
+        # The app's S3 credentials are the ones MinIO starts with.
+        assert envs["api"]["AWS_ACCESS_KEY_ID"] == envs["minio"]["MINIO_ROOT_USER"]
+        assert envs["api"]["AWS_SECRET_ACCESS_KEY"] == envs["minio"]["MINIO_ROOT_PASSWORD"]
+        assert len(envs["minio"]["MINIO_ROOT_PASSWORD"]) >= 8, "MinIO refuses a root password under 8 characters"
+
+
+# -- the API image --------------------------------------------------------------------------------
+
+def _pip_installs(dockerfile: Dockerfile) -> list[list[str]]:
+    installs = []
+    for rest in dockerfile.all("RUN"):
+        commands: list[list[str]] = [[]]
+        for word in shlex.split(rest):
+            if word in ("&&", "||", ";", ";;", "|"):
+                commands.append([])
+            else:
+                commands[-1].append(word)
+        for words in commands:
+            if "pip" in words and "install" in words:
+                args = words[words.index("install") + 1:]
+                installs.append([a for a in args if not a.startswith("-")])
+    return installs
+
+
+def test_api_image_installs_the_api_extra_only(pyproject):
+    installs = _pip_installs(Dockerfile(API_DOCKERFILE))
+    assert installs == [[".[api]"]], f"the API image must install exactly .[api], got {installs}"
+    extras = pyproject["project"]["optional-dependencies"]
+    names = [re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in extras["api"]]
+    assert not [n for n in names if n.startswith("torch")], f"the api extra pulls torch: {extras['api']}"
+    base = [re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in pyproject["project"]["dependencies"]]
+    assert not [n for n in base if n.startswith("torch")], "the base dependencies pull torch"
+
+
+def test_api_cmd_is_uvicorn_factory_on_the_exposed_port(compose):
+    dockerfile = Dockerfile(API_DOCKERFILE)
+    cmd = dockerfile.exec_form(dockerfile.one("CMD"))
+    assert cmd[0] == "uvicorn" and "--factory" in cmd
+    assert "api.main:create_app" in cmd
+    port = cmd[cmd.index("--port") + 1]
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert dockerfile.one("EXPOSE").split() == [port]
+    published = [str(p) for p in compose["services"]["api"]["ports"]]
+    assert [p.rsplit(":", 1)[1] for p in published] == [port], f"api ports {published} do not map to {port}"
+
+
+def test_api_module_imports_without_torch():
+    code = ("import importlib, sys; import api.main as m; assert callable(m.create_app); "
+            "assert 'torch' not in sys.modules, 'api.main imports torch'")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def _app_paths(store_dir: Path) -> set[str]:
+    from api.main import create_app
+    from patchdiff_core.settings import Settings
+
+    # Nothing connects at creation: the Redis client is lazy.
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", store_dir=store_dir))
+    return {getattr(route, "path", None) for route in app.routes}
+
+
+def test_api_healthchecks_use_existing_endpoints_on_the_right_port(compose, tmp_path):
+    paths = _app_paths(tmp_path)
+    assert {"/healthz", "/readyz"} <= paths
+    dockerfile = Dockerfile(API_DOCKERFILE)
+    port = dockerfile.one("EXPOSE").split()[0]
+    commands = [" ".join(dockerfile.healthcheck_command()), " ".join(compose["services"]["api"]["healthcheck"]["test"])]
+    for command in commands:
+        urls = re.findall(r"https?://[^'\" ]+", command)
+        assert urls, f"no URL in healthcheck {command!r}"
+        for url in urls:
+            m = re.match(r"https?://(127\.0\.0\.1|localhost):(\d+)(/[^?'\" ]*)", url)
+            assert m, f"healthcheck URL {url} is not local"
+            routes = sorted(p for p in paths if p)
+            assert m.group(2) == port and m.group(3) in paths, f"{url}: port {port}, routes {routes}"
+            assert m.group(3) == "/healthz", "the container healthcheck is liveness (/healthz), not readiness"
+        assert "curl" not in command and "wget" not in command, "no curl or wget in python:slim"
+
+
+# -- the worker image -----------------------------------------------------------------------------
+
+def test_worker_cmd_module_is_importable():
+    dockerfile = Dockerfile(WORKER_DOCKERFILE)
+    assert dockerfile.exec_form(dockerfile.one("CMD")) == ["python", "-m", "worker"]
+    code = ("import importlib.util, sys; import worker.main as m; assert callable(m.run_worker); "
+            "assert importlib.util.find_spec('worker.__main__') is not None")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_worker_torch_pin_matches_pyproject_base_image_and_index(pyproject):
+    from packaging.requirements import Requirement
+
+    args = Dockerfile(WORKER_DOCKERFILE).arg_defaults()
+    version = args["TORCH_VERSION"]
+    torch_req = next(Requirement(r) for r in pyproject["project"]["optional-dependencies"]["core"]
+                     if Requirement(r).name == "torch")
+    assert torch_req.specifier.contains(version), f"TORCH_VERSION {version} outside pyproject's {torch_req}"
+    base = args["BASE_IMAGE"]
+    m = re.fullmatch(r"pytorch/pytorch:(?P<torch>[\d.]+)-cuda(?P<cuda>\d+)\.(?P<minor>\d+)-cudnn\d+-runtime", base)
+    assert m, f"unexpected base image {base}"
+    assert m.group("torch") == version, f"base image ships torch {m.group('torch')}, TORCH_VERSION is {version}"
+    assert args["TORCH_INDEX_URL"].rstrip("/").endswith(f"/cu{m.group('cuda')}{m.group('minor')}")
+    assert args["DEVICE"] == "cuda"
+    assert "PATCHDIFF_DEVICE=${DEVICE}" in " ".join(Dockerfile(WORKER_DOCKERFILE).all("ENV"))
+
+
+def test_worker_cpu_build_uses_the_api_python_and_the_cpu_index(compose_cpu):
+    args = compose_cpu["services"]["worker"]["build"]["args"]
+    assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/whl/cpu")
+    assert args["DEVICE"] == "cpu" == service_env(compose_cpu["services"]["worker"])["PATCHDIFF_DEVICE"]
+    api_base = Dockerfile(API_DOCKERFILE).one("FROM").split()[0]
+    assert args["BASE_IMAGE"] == api_base
+    assert set(args) <= set(Dockerfile(WORKER_DOCKERFILE).arg_defaults()), "build args the Dockerfile does not declare"
+
+
+def test_worker_healthcheck_follows_the_heartbeat(redis_url, tmp_path):
+    """The HEALTHCHECK command exits 0 only while a worker of this host has a live heartbeat key."""
+    import redis
+
+    from patchdiff_core.jobs import JobStore
+    from patchdiff_core.settings import Settings
+
+    # A database of its own: other tests' workers on this host beat in database 0.
+    url = redis_url.rsplit("/", 1)[0] + "/13"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    command = Dockerfile(WORKER_DOCKERFILE).healthcheck_command()
+    assert command[0] == "python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDIFF_")}
+    env["PATCHDIFF_REDIS_URL"] = url
+
+    def healthy() -> bool:
+        return subprocess.run([sys.executable, *command[1:]], check=False, cwd=REPO, env=env, capture_output=True,
+                              timeout=60).returncode == 0
+
+    jobs = JobStore(conn, Settings(redis_url=url, heartbeat_ttl_s=30))
+    try:
+        assert not healthy(), "healthy with no worker heartbeat"
+        jobs.heartbeat(f"another-host-{os.getpid()}-abcdef", {"models": {}})
+        assert not healthy(), "healthy on another host's heartbeat"
+        name = f"{socket.gethostname()}-1-abcdef"  # as run_worker names itself: hostname-pid-random
+        jobs.heartbeat(name, {"models": {}})
+        assert healthy()
+        jobs.worker_gone(name)
+        assert not healthy()
+    finally:
+        conn.flushdb()
+
+
+def test_worker_names_start_with_the_hostname():
+    """What the worker HEALTHCHECK relies on to find this container's heartbeat."""
+    source = (REPO / "worker" / "main.py").read_text()
+    assert 'name = name or f"{socket.gethostname()}-' in source
+
+
+def test_images_run_as_non_root_with_a_healthcheck():
+    for path in DOCKERFILES:
+        dockerfile = Dockerfile(path)
+        users = dockerfile.all("USER")
+        assert users, f"{path.name} runs as root"
+        assert users[-1].split(":")[0] not in ("root", "0"), f"{path.name} runs as root"
+        assert dockerfile.healthcheck_command()
+
+
+# -- compose: GPU, volumes, dependencies, redis, minio --------------------------------------------
+
+def _devices(service: dict) -> list:
+    return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+
+
+def test_worker_reserves_a_gpu_in_the_base_file_and_none_with_the_cpu_override(compose, merged):
+    devices = _devices(compose["services"]["worker"])
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert not any(_devices(svc) for name, svc in compose["services"].items() if name != "worker")
+    assert _devices(merged["services"]["worker"]) == []
+    assert service_env(merged["services"]["worker"])["PATCHDIFF_DEVICE"] == "cpu"
+    assert service_env(compose["services"]["worker"])["PATCHDIFF_DEVICE"] == "cuda"
+
+
+def test_cpu_override_keeps_the_rest_of_the_worker(compose, merged):
+    base, over = compose["services"]["worker"], merged["services"]["worker"]
+    assert over["build"]["dockerfile"] == base["build"]["dockerfile"]
+    assert over["depends_on"] == base["depends_on"]
+    env_base, env_over = service_env(base), service_env(over)
+    assert {k: v for k, v in env_over.items() if k != "PATCHDIFF_DEVICE"} == \
+           {k: v for k, v in env_base.items() if k != "PATCHDIFF_DEVICE"}
+
+
+@pytest.mark.parametrize("which", ["base", "merged"])
+def test_named_volumes_are_declared(compose, merged, which):
+    data = compose if which == "base" else merged
+    declared = set(data.get("volumes") or {})
+    for name, svc in data["services"].items():
+        for volume in svc.get("volumes") or []:
+            if isinstance(volume, dict):
+                if volume.get("type", "volume") != "volume" or not volume.get("source"):
+                    continue
+                source = volume["source"]
+            else:
+                if ":" not in volume:
+                    continue  # an anonymous volume
+                source = volume.split(":")[0]
+            if source.startswith((".", "/", "~", "$")):
+                continue  # a bind mount
+            assert source in declared, f"{name}: volume {source!r} is not declared at the top level"
+
+
+def test_dependencies_wait_for_health_and_bucket(compose):
+    services = compose["services"]
+    for name in ("api", "worker"):
+        deps = services[name]["depends_on"]
+        assert deps["redis"]["condition"] == "service_healthy"
+        assert deps["minio-init"]["condition"] == "service_completed_successfully"
+    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    for name, svc in services.items():
+        for dep, spec in (svc.get("depends_on") or {}).items():
+            assert dep in services
+            if spec.get("condition") == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no healthcheck"
+
+
+def test_redis_is_persistent_and_checked(compose):
+    redis_svc = compose["services"]["redis"]
+    assert redis_svc["image"].startswith("redis:7")
+    command = redis_svc["command"]
+    command = shlex.split(command) if isinstance(command, str) else command
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(str(v).split(":")[1] == "/data" for v in redis_svc["volumes"])
+    assert redis_svc["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+
+
+def test_minio_images_are_pinned_and_checked(compose):
+    services = compose["services"]
+    for name, prefix in (("minio", "minio/minio:RELEASE."), ("minio-init", "minio/mc:RELEASE.")):
+        assert services[name]["image"].startswith(prefix), f"{name}: pin a release tag, not latest"
+    minio = services["minio"]
+    command = minio["command"]
+    command = shlex.split(command) if isinstance(command, str) else command
+    assert command[:2] == ["server", "/data"] and "--console-address" in command
+    assert any(str(v).split(":")[1] == "/data" for v in minio["volumes"])
+    assert minio["healthcheck"]["test"][1:] == ["mc", "ready", "local"]  # no curl in the image
+
+
+@pytest.mark.parametrize("source", ["defaults", "env_example"])
+def test_minio_init_creates_the_configured_bucket(compose, env_example, source):
+    env = env_example if source == "env_example" else {}
+    envs = _resolved_service_envs(compose, env)
+    bucket = envs["api"]["PATCHDIFF_STORE_S3_BUCKET"]
+    assert bucket == envs["worker"]["PATCHDIFF_STORE_S3_BUCKET"] == envs["minio-init"]["PATCHDIFF_STORE_S3_BUCKET"]
+    init = compose["services"]["minio-init"]
+    script = init["command"] if isinstance(init["command"], str) else "\n".join(init["command"])
+    script = interpolate(script, env)  # what the container's shell gets ($$ -> $)
+    m = re.search(r"mc mb --ignore-existing \"?(?P<alias>\w+)/(?P<bucket>[^\"\s]+)\"?", script)
+    assert m, f"minio-init does not create a bucket: {script}"
+    shell_env = envs["minio-init"]
+    created = re.sub(r"\$\{?(\w+)\}?", lambda v: shell_env.get(v.group(1), "<unset>"), m.group("bucket"))
+    assert created == bucket
+    assert re.search(rf"mc alias set {m.group('alias')} http://minio:9000 ", script)
+    assert init.get("restart") in ("no", None)
+
+
+# -- Compose itself -------------------------------------------------------------------------------
+
+def _compose_cli() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], check=False,
+                                                 capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    standalone = shutil.which("docker-compose")
+    if standalone:
+        out = subprocess.run([standalone, "version"], check=False, capture_output=True, text=True)
+        if out.returncode == 0 and re.search(r"\bv?2\.\d+", out.stdout):
+            return [standalone]
+    return None
+
+
+@pytest.mark.parametrize("env_file", [None, ".env.example"])
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]],
+                         ids=["base", "cpu"])
+def test_compose_config_validates(files, env_file):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("the Docker Compose v2 CLI is missing here (`docker compose version` fails: no compose "
+                    "plugin, and no standalone docker-compose v2); the other tests parse the files themselves")
+    args = [*cli, "--project-directory", str(REPO)]
+    for f in files:
+        args += ["-f", str(REPO / f)]
+    if env_file:
+        args += ["--env-file", str(REPO / env_file)]
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith(("PATCHDIFF_", "MINIO_", "AWS_")) or k in ("API_PORT", "COMPOSE_FILE"))}
+    result = subprocess.run([*args, "config", "-q"], check=False, cwd=REPO, capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
