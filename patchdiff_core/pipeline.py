@@ -125,6 +125,12 @@ class SamplingModel:
             networks = [n.to(memory_format=torch.channels_last) for n in networks]
         if entry is None:
             entry = _entry_from_file(paths[0], config)
+        digests = [file_sha256(p) for p in paths]
+        if entry.sha256 and not weights and digests != entry.sha256:
+            raise CheckpointError(
+                f"{paths[0]}: sha256 {digests[0][:12]}... differs from the manifest's {entry.sha256[0][:12]}... "
+                "(a changed or corrupted weights file)"
+            )
         schedule = Schedule.linear(config.beta_max)
         switch_t = schedule.timestep_for_snr(entry.split_snr) if len(networks) == 2 else None
         return cls(
@@ -136,7 +142,7 @@ class SamplingModel:
             precision=prec,
             defaults=entry.defaults,
             classes=entry.class_names(),
-            sha256=[file_sha256(p) for p in paths],
+            sha256=digests,
             switch_t=switch_t,
         )
 

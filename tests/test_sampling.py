@@ -97,3 +97,22 @@ def test_split_pair_loads_and_samples(tiny_model_file):
     assert pair.switch_t == 396 and len(pair.networks) == 2
     out = generate(pair, _spec(num_images=2, timesteps="6"), batch_size=2)
     assert out.images.shape == (2, 16, 16, 3)
+
+
+def test_manifest_sha256_is_checked(tmp_path, tiny_model_file):
+    import json
+
+    from service_harness import write_weights_dir
+
+    from patchdiff_core.checkpoint import file_sha256
+    from patchdiff_core.errors import CheckpointError
+
+    root = write_weights_dir(tmp_path, tiny_model_file, "tiny")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["models"][0]["sha256"] = [file_sha256(tiny_model_file)]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert SamplingModel.load("tiny", weights_dir=root).sha256 == manifest["models"][0]["sha256"]
+    manifest["models"][0]["sha256"] = ["0" * 64]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="differs from the manifest"):
+        SamplingModel.load("tiny", weights_dir=root)

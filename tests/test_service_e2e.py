@@ -288,3 +288,20 @@ def test_redis_down_gives_503_then_recovers(tmp_path, weights):
     finally:
         procs.stop_all()
         subprocess.run(["pkill", "-f", f"redis-server.*--port {redis_server.port}"], check=False)
+
+
+def test_generate_command_downloads_the_same_grid_as_sample(service, tmp_path):
+    url, env, _ = service
+    common = ["--model", "tiny", "--num-images", "3", "--class-label", "2", "--seed", "5", "--timesteps", "6", "--quiet"]
+    cli = [sys.executable, "-m", "patchdiff_core.cli"]
+    remote = subprocess.run([*cli, "generate", "--server", url, *common, "--poll", "0.1", "--out", str(tmp_path / "r.png")],
+                            env=env, capture_output=True, text=True)
+    assert remote.returncode == 0, remote.stderr
+    subprocess.run([*cli, "sample", *common, "--out", str(tmp_path / "l.png")], env=env, check=True, capture_output=True)
+    assert (tmp_path / "r.png").read_bytes() == (tmp_path / "l.png").read_bytes()
+
+    bad = subprocess.run([*cli, "generate", "--server", url, "--model", "tiny", "--class-label", "99", "--quiet"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "class_label" in bad.stderr and "Traceback" not in bad.stderr
+    down = subprocess.run([*cli, "generate", "--server", "http://127.0.0.1:9", "--quiet"], env=env, capture_output=True, text=True)
+    assert down.returncode == 2 and "cannot reach" in down.stderr
