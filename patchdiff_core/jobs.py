@@ -297,7 +297,7 @@ class JobStore:
                 # Queued but neither waiting in the queue nor picked up by a live worker: lost.
                 if self.queue.get_job_position(record.rq_id or "") is not None:
                     continue
-                if record.rq_id in started.get_job_ids() and self._rq_worker_alive(record.rq_id, alive):
+                if record.rq_id in started and self._rq_worker_alive(record.rq_id, alive):
                     continue
                 actions.append((job_id, self._orphaned(record, "job left the queue without a live worker")))
             elif record.status in TERMINAL:

@@ -180,6 +180,11 @@ class Trainer:
         self.optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
         self.generator.set_state(tensors["rng"])
         self.step = state["step"]
+        # Steps logged after the last checkpoint will be run again: drop them from the log.
+        log = self.run_dir / LOSS_LOG
+        if log.is_file():
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in kept))
         return True
 
     def export(self, path: str | Path, name: str, classes: list[str] | None = None,

@@ -281,13 +281,13 @@ def test_redis_down_gives_503_then_recovers(tmp_path, weights):
         assert httpx.get(url + "/healthz").status_code == 200
         assert "patchdiff_redis_up 0.0" in httpx.get(url + "/metrics").text
 
-        RedisServer(tmp_path / "redis", port=redis_server.port).start()  # same address, empty data
+        redis_server = RedisServer(tmp_path / "redis", port=redis_server.port).start()  # same address, empty data
         wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 60, "recovery")
         job = httpx.post(url + "/generate", json={"num_images": 1}).json()
         assert wait_job(url, job["id"])["status"] == "finished", procs.logs()
     finally:
         procs.stop_all()
-        subprocess.run(["pkill", "-f", f"redis-server.*--port {redis_server.port}"], check=False)
+        redis_server.stop()
 
 
 def test_generate_command_downloads_the_same_grid_as_sample(service, tmp_path):
@@ -305,3 +305,34 @@ def test_generate_command_downloads_the_same_grid_as_sample(service, tmp_path):
     assert bad.returncode == 2 and "class_label" in bad.stderr and "Traceback" not in bad.stderr
     down = subprocess.run([*cli, "generate", "--server", "http://127.0.0.1:9", "--quiet"], env=env, capture_output=True, text=True)
     assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_one_command_serve_with_embedded_redis(tmp_path, weights):
+    """`patchdiff serve` with no PATCHDIFF_REDIS_URL: embedded Redis, API and a worker; Ctrl-C stops all."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDIFF_")}
+    env.update({"PATCHDIFF_WEIGHTS_DIR": str(weights), "PATCHDIFF_DEFAULT_MODEL": "tiny",
+                "PATCHDIFF_STORE_DIR": str(tmp_path / "data" / "results"), "PATCHDIFF_DEVICE": "cpu",
+                "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "patchdiff_core.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(url), 90, "patchdiff serve")
+        job = httpx.post(url + "/generate", json={"num_images": 2, "seed": 3}).json()
+        assert wait_job(url, job["id"])["status"] == "finished"
+        assert httpx.get(f"{url}/jobs/{job['id']}/grid.png").status_code == 200
+        assert (tmp_path / "data" / "results" / job["id"] / "grid.png").is_file()
+        assert (tmp_path / "data" / "redis.rdb").parent.is_dir()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+    assert f"patchdiff API on http://127.0.0.1:{port}" in output and "embedded Redis" in output
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -142,3 +142,16 @@ def test_cli_train_export_then_sample(tmp_path, capsys):
     meta = read_metadata(exported)
     assert meta["model"] == "digits_small" and json.loads(meta["classes"]) == [str(i) for i in range(10)]
     assert meta["training_command"].startswith("patchdiff train")
+
+
+def test_resume_drops_log_entries_after_the_checkpoint(tmp_path):
+    images, labels = _data()
+    trainer = Trainer(_config(steps=4), images, labels, tmp_path)
+    trainer.run(save_every=2, log_every=1)
+    with (tmp_path / "loss_log.jsonl").open("a") as log:  # as if a run died after step 4, before saving
+        log.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    resumed = Trainer(_config(steps=6), images, labels, tmp_path)
+    resumed.load_checkpoint()
+    resumed.run(save_every=2, log_every=1)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
