@@ -21,9 +21,9 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 
 # Only what the API needs. worker/ is matched by [tool.setuptools.packages.find] but is optional
-# there (find only lists what exists), and the API never imports it. No README.md in the repo: the
-# `readme` field of pyproject.toml only warns when the file is missing.
-COPY pyproject.toml ./
+# there (find only lists what exists), and the API never imports it. README.md is the package's
+# `readme` (pyproject.toml).
+COPY pyproject.toml README.md ./
 COPY patchdiff_core/ ./patchdiff_core/
 COPY api/ ./api/
 # The manifest only (model names, configs, classes, defaults); never the .safetensors files.

@@ -45,7 +45,7 @@ WORKDIR /app
 # torch first, in its own layer, from the PyTorch index (only torch: the rest comes from PyPI).
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY patchdiff_core/ ./patchdiff_core/
 COPY worker/ ./worker/
 

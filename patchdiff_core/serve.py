@@ -64,6 +64,8 @@ def serve(settings: Settings, workers: int = 1) -> int:
     try:
         while not stopping:
             time.sleep(0.5)
+            if stopping:  # children got the same Ctrl-C: their exit is not a failure
+                break
             if api.poll() is not None:
                 print(f"API exited with status {api.returncode}", file=sys.stderr, flush=True)
                 code = api.returncode or 1

@@ -323,11 +323,12 @@ def test_one_command_serve_with_embedded_redis(tmp_path, weights):
         assert wait_job(url, job["id"])["status"] == "finished"
         assert httpx.get(f"{url}/jobs/{job['id']}/grid.png").status_code == 200
         assert (tmp_path / "data" / "results" / job["id"] / "grid.png").is_file()
-        assert (tmp_path / "data" / "redis.rdb").parent.is_dir()
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output
+    # The embedded Redis kept its data beside the results (append-only file and/or snapshot).
+    assert {p.name for p in (tmp_path / "data").iterdir()} & {"redis.rdb", "appendonly.aof", "appendonlydir"}
     assert f"patchdiff API on http://127.0.0.1:{port}" in output and "embedded Redis" in output
 
 
