@@ -16,10 +16,10 @@ from patchdiff_core.registry import all_models
 from patchdiff_core.settings import Settings, get_settings
 from patchdiff_core.store import make_store, result_key
 
-from .deps import BaseUrl, Jobs, JobId, SettingsDep, Store, require_api_key
+from .deps import BaseUrl, JobId, Jobs, SettingsDep, Store, require_api_key
 from .metrics import JobMetrics
 from .schemas import GenerateRequest, Health, JobView, ModelView
-from .service import RequestError, build_spec, job_view, request_fingerprint
+from .service import RequestError, build_spec, job_view, model_views, request_fingerprint
 
 log = logging.getLogger("patchdiff.api")
 
@@ -119,17 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/models", response_model=list[ModelView], dependencies=auth)
     def list_models(jobs: Jobs, settings: SettingsDep) -> list[ModelView]:
-        served = jobs.served_models()
-        views = []
-        for entry in all_models(settings.weights_dir).values():
-            views.append(ModelView(
-                name=entry.name, description=entry.description, resolution=entry.config.res,
-                patch_size=entry.config.patch_size, num_classes=entry.config.num_classes,
-                classes=entry.class_names(), defaults=entry.defaults,
-                installed=entry.installed(settings.weights_dir) or entry.name in served,
-                served=entry.name in served,
-            ))
-        return views
+        return model_views(all_models(settings.weights_dir), jobs.served_models(), settings.weights_dir)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:

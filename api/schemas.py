@@ -76,7 +76,7 @@ class ModelView(BaseModel):
     num_classes: int
     classes: list[str]
     defaults: SamplingDefaults
-    parameters: int | None = None
+    parameters: int | None = Field(default=None, description="all networks' parameters; known once a worker serves it")
     installed: bool = Field(description="weights present on this server or on a live worker")
     served: bool = Field(description="a live worker has it loaded: requests are accepted")
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 
 from patchdiff_core.config import ModelConfig
 from patchdiff_core.jobs import JobRecord, JobStore
-from patchdiff_core.registry import SamplingDefaults
+from patchdiff_core.registry import ModelEntry, SamplingDefaults
 from patchdiff_core.settings import Settings
 from patchdiff_core.spec import GenerationSpec, SpecError, check_spec, new_seed, random_labels
 
-from .schemas import GenerateRequest, JobView, Links, Progress, Timings
+from .schemas import GenerateRequest, JobView, Links, ModelView, Progress, Timings
 
 
 class RequestError(Exception):
@@ -107,3 +108,24 @@ def job_view(record: JobRecord, jobs: JobStore, base_url: str) -> JobView:
         cancel_requested=record.cancel_requested,
         links=links,
     )
+
+
+def model_views(known: dict[str, ModelEntry], served: dict[str, dict], weights_dir: Path) -> list[ModelView]:
+    """Every model this server knows of, plus any other that a live worker serves."""
+    views = []
+    for name in [*known, *sorted(set(served) - set(known))]:
+        info = served.get(name, {})
+        if name in known:
+            entry = known[name]
+            config, classes, defaults = entry.config, entry.class_names(), entry.defaults
+            description, installed = entry.description, entry.installed(weights_dir) or name in served
+        else:
+            config = ModelConfig.model_validate(info["config"])
+            classes, defaults = info.get("classes") or [], SamplingDefaults.model_validate(info.get("defaults") or {})
+            description, installed = "served by a worker", True
+        views.append(ModelView(
+            name=name, description=description, resolution=config.res, patch_size=config.patch_size,
+            num_classes=config.num_classes, classes=classes, defaults=defaults,
+            parameters=info.get("parameters"), installed=installed, served=name in served,
+        ))
+    return views

@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .data import load_dataset
     from .pipeline import resolve_device
     from .registry import get_model
-    from .train import Trainer, TrainConfig
+    from .train import TrainConfig, Trainer
 
     if (args.model is None) == (args.config is None):
         raise PatchdiffError("give exactly one of --model NAME or --config CONFIG.json")

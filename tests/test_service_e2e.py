@@ -210,6 +210,7 @@ def test_models_readyz_healthz(service):
     url, _, _ = service
     models = {m["name"]: m for m in httpx.get(url + "/models").json()}
     assert models["tiny"]["served"] and models["tiny"]["installed"] and models["tiny"]["num_classes"] == 10
+    assert models["tiny"]["parameters"] > 100_000 and models["church_p4"]["parameters"] is None
     assert models["tinyu"]["served"] and models["tinyu"]["num_classes"] == 0
     assert not models["church_p4"]["served"] and not models["church_p4"]["installed"]
     assert httpx.get(url + "/healthz").json()["status"] == "ok"

@@ -39,6 +39,7 @@ class ModelCache:
                 "classes": m.classes,
                 "defaults": m.defaults.model_dump(),
                 "sha256": m.sha256,
+                "parameters": sum(p.numel() for net in m.networks for p in net.parameters()),
                 "device": str(m.device),
                 "precision": m.precision,
             }
