@@ -6,7 +6,6 @@ Weights are never unpickled: safetensors and HDF5 hold plain arrays only.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -100,7 +99,3 @@ def file_sha256(path: str | Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def metadata_json(path: str | Path, key: str) -> dict | None:
-    value = read_metadata(path).get(key)
-    return json.loads(value) if value else None

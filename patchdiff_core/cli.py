@@ -220,6 +220,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Submit to a running service, follow its progress, download the grid."""
+    import httpx
     from tqdm import tqdm
 
     from .client import PatchdiffClient, ServiceError
@@ -252,15 +253,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             Path(args.out).write_bytes(client.grid(job["id"]))
     except ServiceError as exc:
         raise PatchdiffError(str(exc)) from None
-    except httpx_errors() as exc:
+    except httpx.TransportError as exc:
         raise PatchdiffError(f"cannot reach {args.server}: {exc}") from None
     print(f"wrote {args.out}")
-
-
-def httpx_errors():
-    import httpx
-
-    return httpx.TransportError
 
 
 _FLAG = {"class_labels": "class-label", "timesteps": "timesteps", "guidance": "guidance"}

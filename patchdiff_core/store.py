@@ -28,7 +28,6 @@ def result_key(job_id: str, name: str) -> str:
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes | None: ...
-    def delete_prefix(self, prefix: str) -> None: ...
     def check(self) -> None: ...
 
 
@@ -55,11 +54,6 @@ class LocalStore:
         path = self._path(key)
         return path.read_bytes() if path.is_file() else None
 
-    def delete_prefix(self, prefix: str) -> None:
-        import shutil
-
-        shutil.rmtree(self._path(prefix), ignore_errors=True)
-
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -83,13 +77,6 @@ class S3Store:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except self.client.exceptions.NoSuchKey:
             return None
-
-    def delete_prefix(self, prefix: str) -> None:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
-        for page in pages:
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

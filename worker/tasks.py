@@ -49,9 +49,9 @@ def run_generation(job_id: str) -> str:
         return "skipped"  # cancelled while queued, or already taken over after a requeue
     try:
         model = ctx.models.get(record.spec.model)
-        images, timings = _sample(ctx, job_id, model, record.spec)
-        _write_results(ctx, record, model, images, timings)
-        ctx.jobs.finish(job_id, len(images.images), model.sha256)
+        generation, timings = _sample(ctx, job_id, model, record.spec)
+        _write_results(ctx, record, model, generation, timings)
+        ctx.jobs.finish(job_id, len(generation.images), model.sha256)
         return "finished"
     except Cancelled:
         ctx.jobs.mark_cancelled(job_id)
