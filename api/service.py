@@ -46,8 +46,6 @@ def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]
     label_field = "class_labels"
     if req.class_label is not None:
         labels, label_field = [req.class_label] * req.num_images, "class_label"
-    if labels is not None and config.num_classes <= 1:
-        raise RequestError(label_field, f"model {name!r} is unconditional: it takes no class labels")
     seed = new_seed() if req.seed is None else req.seed
     if labels is None and config.num_classes > 1:
         labels = random_labels(seed, req.num_images, config.num_classes)  # reported back, as accepted

@@ -37,8 +37,9 @@ JOB_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 # Move a job to ARGV[2] if its status is one of ARGV[1] (comma-separated), then set the field/value
-# pairs ARGV[3..]; terminal moves also take it off the active set. Returns the previous status, or
-# false when the job is missing or in another status.
+# pairs ARGV[3..]; terminal moves also take it off the active set (KEYS[2]) and count it in the
+# metrics hash (KEYS[3], field jobs_<status>). Returns the previous status, or false when the job is
+# missing or in another status.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
@@ -47,6 +48,7 @@ for allowed in string.gmatch(ARGV[1], '[^,]+') do
     redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
     if ARGV[2] == 'finished' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
       redis.call('SREM', KEYS[2], string.match(KEYS[1], '[^:]+$'))
+      redis.call('HINCRBY', KEYS[3], 'jobs_' .. ARGV[2], 1)
     end
     return status
   end
@@ -113,7 +115,7 @@ class JobStore:
         args: list[Any] = [",".join(allowed), status]
         for key, value in fields.items():
             args += [key, "" if value is None else value]
-        previous = self._transition(keys=[self.job_key(job_id), self.active_key], args=args)
+        previous = self._transition(keys=[self.job_key(job_id), self.active_key, self.metrics_key], args=args)
         return previous.decode() if isinstance(previous, bytes) else previous or None
 
     # -- API side --------------------------------------------------------------------------
@@ -190,7 +192,6 @@ class JobStore:
         if record is None or record.status in TERMINAL:
             return None
         if self.transition(job_id, ("queued",), "cancelled", finished_at=time.time(), error="cancelled by request"):
-            self.redis.hincrby(self.metrics_key, "jobs_cancelled", 1)
             if record.rq_id:
                 self.queue.remove(record.rq_id)
             return "cancelled"
@@ -221,30 +222,23 @@ class JobStore:
 
     def finish(self, job_id: str, num_results: int, model_sha256: list[str]) -> bool:
         now = time.time()
-        record = self.get(job_id)
+        started_at = float(self.redis.hget(self.job_key(job_id), "started_at") or now)
         ok = self.transition(
             job_id, ("running",), "finished", finished_at=now, num_results=num_results,
             model_sha256=json.dumps(model_sha256),
         )
-        if ok and record:
+        if ok:
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(self.metrics_key, "jobs_finished", 1)
                 pipe.hincrby(self.metrics_key, "images_generated", num_results)
-                self._observe(pipe, "job_seconds", JOB_BUCKETS, now - (record.started_at or now))
+                self._observe(pipe, "job_seconds", JOB_BUCKETS, now - started_at)
                 pipe.execute()
         return bool(ok)
 
     def fail(self, job_id: str, error: str) -> bool:
-        ok = self.transition(job_id, ("queued", "running"), "failed", finished_at=time.time(), error=error)
-        if ok:
-            self.redis.hincrby(self.metrics_key, "jobs_failed", 1)
-        return bool(ok)
+        return bool(self.transition(job_id, ("queued", "running"), "failed", finished_at=time.time(), error=error))
 
     def mark_cancelled(self, job_id: str) -> bool:
-        ok = self.transition(job_id, ("running",), "cancelled", finished_at=time.time(), error="cancelled by request")
-        if ok:
-            self.redis.hincrby(self.metrics_key, "jobs_cancelled", 1)
-        return bool(ok)
+        return bool(self.transition(job_id, ("running",), "cancelled", finished_at=time.time(), error="cancelled by request"))
 
     def _observe(self, pipe, name: str, buckets: tuple[float, ...], value: float) -> None:
         index = next((i for i, b in enumerate(buckets) if value <= b), len(buckets))
@@ -305,11 +299,12 @@ class JobStore:
         return actions
 
     def _rq_worker_alive(self, rq_id: str, alive: set[str]) -> bool:
+        from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
         try:
             return Job.fetch(rq_id, connection=self.redis, serializer=JSONSerializer).worker_name in alive
-        except Exception:
+        except NoSuchJobError:
             return False
 
     def _orphaned(self, record: JobRecord, reason: str) -> str:
@@ -333,8 +328,11 @@ class JobStore:
 
     def count_active(self) -> dict[str, int]:
         counts = {"queued": 0, "running": 0}
-        for raw_id in self.redis.smembers(self.active_key):
-            status = self.redis.hget(self.job_key(raw_id.decode()), "status")
+        with self.redis.pipeline(transaction=False) as pipe:
+            for raw_id in self.redis.smembers(self.active_key):
+                pipe.hget(self.job_key(raw_id.decode()), "status")
+            statuses = pipe.execute()
+        for status in statuses:
             if status and status.decode() in counts:
                 counts[status.decode()] += 1
         return counts

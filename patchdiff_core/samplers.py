@@ -63,11 +63,17 @@ def make_denoiser(
         with torch.no_grad(), autocast():
             return model(x, steps, y)
 
+    # The conditional and "no label" halves of a guided batch, built once, not at every step.
+    guided_labels = None
+    if guidance != 1.0:
+        if labels is None:
+            raise ValueError("classifier-free guidance needs class labels")
+        guided_labels = torch.cat([labels, torch.full_like(labels, model.null_label)])
+
     def denoise(x: torch.Tensor, t: int, guided: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        if not guided or guidance == 1.0:
+        if not guided or guided_labels is None:
             return forward(x, t, labels)
-        null = torch.full_like(labels, model.null_label)
-        mean, var = forward(torch.cat([x, x]), t, torch.cat([labels, null]))
+        mean, var = forward(torch.cat([x, x]), t, guided_labels)
         cond, uncond = mean.chunk(2)
         return dynamic_threshold(guidance * cond - (guidance - 1.0) * uncond), var[: x.shape[0]]
 

@@ -18,7 +18,6 @@ import time
 import uuid
 
 import redis
-import torch
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
@@ -67,8 +66,6 @@ def run_worker(settings: Settings | None = None, burst: bool = False, name: str 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if settings.redis_url is None:
         raise SystemExit("PATCHDIFF_REDIS_URL is not set (patchdiff serve sets it for its worker)")
-    if torch.get_num_threads() > (os.cpu_count() or 1):
-        torch.set_num_threads(os.cpu_count() or 1)
     name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
     jobs = JobStore(conn, settings)
