@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from patchdiff_core.jobs import JobStore
-from patchdiff_core.settings import Settings
-from patchdiff_core.store import JOB_ID, ObjectStore
+from patchdiff_core.service.jobs import JobStore
+from patchdiff_core.service.settings import Settings
+from patchdiff_core.service.store import JOB_ID, ObjectStore
 
 
 def get_settings(request: Request) -> Settings:

@@ -11,10 +11,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from patchdiff_core.jobs import IdempotencyConflict, JobStore
-from patchdiff_core.registry import all_models
-from patchdiff_core.settings import Settings, get_settings
-from patchdiff_core.store import make_store, result_key
+from patchdiff_core import __version__
+from patchdiff_core.generation.registry import all_models
+from patchdiff_core.service.jobs import IdempotencyConflict, JobStore
+from patchdiff_core.service.settings import Settings, get_settings
+from patchdiff_core.service.store import make_store, result_key
 
 from .deps import BaseUrl, JobId, Jobs, SettingsDep, Store, require_api_key
 from .metrics import JobMetrics
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="patchdiff",
-        version="0.1.0",
+        version=__version__,
         summary="Patch Diffusion as a service: queue a sampling job, poll it, download the PNGs.",
         lifespan=lifespan,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from patchdiff_core.jobs import JOB_BUCKETS, STEP_BUCKETS, JobStore
+from patchdiff_core.service.jobs import JOB_BUCKETS, STEP_BUCKETS, JobStore
 
 
 class JobMetrics(Collector):

@@ -6,8 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from patchdiff_core.registry import SamplingDefaults
-from patchdiff_core.spec import GenerationSpec
+from patchdiff_core.diffusion.names import SamplerName
+from patchdiff_core.generation.registry import SamplingDefaults
+from patchdiff_core.generation.spec import GenerationSpec
+from patchdiff_core.service.jobs import Status
 
 
 class GenerateRequest(BaseModel):
@@ -21,7 +23,7 @@ class GenerateRequest(BaseModel):
     class_label: int | None = Field(default=None, description="one label for every image; null = random labels from the seed")
     class_labels: list[int] | None = Field(default=None, max_length=10_000, description="one label per image")
     timesteps: str | None = Field(default=None, description="respacing: 'N', 'ddimN' or 'N1,N2,...'", max_length=100)
-    sampler: Literal["ancestral", "ddim"] | None = None
+    sampler: SamplerName | None = None
     guidance: float | None = Field(default=None, description="classifier-free guidance weight; 1.0 = none")
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
@@ -56,7 +58,7 @@ class Links(BaseModel):
 
 class JobView(BaseModel):
     id: str
-    status: Literal["queued", "running", "finished", "failed", "cancelled"]
+    status: Status
     queue_position: int | None = Field(description="jobs ahead of this one (0 = next); null unless queued")
     progress: Progress
     timings: Timings

@@ -6,11 +6,11 @@ import hashlib
 import time
 from pathlib import Path
 
-from patchdiff_core.config import ModelConfig
-from patchdiff_core.jobs import JobRecord, JobStore
-from patchdiff_core.registry import ModelEntry, SamplingDefaults
-from patchdiff_core.settings import Settings
-from patchdiff_core.spec import GenerationSpec, SpecError, check_spec, new_seed, random_labels
+from patchdiff_core.generation.registry import ModelEntry, SamplingDefaults
+from patchdiff_core.generation.spec import GenerationSpec, SpecError, check_spec, new_seed, random_labels
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.service.jobs import JobRecord, JobStore
+from patchdiff_core.service.settings import Settings
 
 from .schemas import GenerateRequest, JobView, Links, ModelView, Progress, Timings
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from patchdiff_core.diffusion.names import SAMPLER_NAMES
+
 NUM_CLASSES = 10
 DIGIT_RES = 8
 DIGIT_MAX = 16.0  # sklearn's digits are counts 0..16 of set pixels in 4x4 blocks
@@ -66,7 +68,7 @@ def to_digit_scale(images: np.ndarray) -> np.ndarray:
 
 def real_digits_uint8(res: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """The project's training images (`digits_dataset(res)`) as [N,res,res,3] uint8, with labels."""
-    from patchdiff_core.data import digits_dataset
+    from patchdiff_core.training.data import digits_dataset
 
     x, y, _ = digits_dataset(res)
     pixels = np.rint((x.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5)  # exact inverse of uint8/127.5 - 1
@@ -162,8 +164,8 @@ def parse_settings(text: str) -> list[Setting]:
         if len(parts) != 3:
             raise ValueError(f"setting {item!r}: expected sampler:timesteps:guidance")
         sampler, steps, guidance = parts
-        if sampler not in ("ancestral", "ddim"):
-            raise ValueError(f"setting {item!r}: sampler must be ancestral or ddim")
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"setting {item!r}: sampler must be one of {', '.join(SAMPLER_NAMES)}")
         settings.append(Setting(sampler, steps, float(guidance)))
     if not settings:
         raise ValueError("no settings given")
@@ -207,8 +209,8 @@ def real_row(ref: Reference) -> Row:
 
 
 def run_setting(model, setting: Setting, per_class: int, seed: int, batch_size: int, ref: Reference) -> Row:
-    from patchdiff_core.pipeline import generate
-    from patchdiff_core.spec import GenerationSpec
+    from patchdiff_core.generation.pipeline import generate
+    from patchdiff_core.generation.spec import GenerationSpec
 
     labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
     spec = GenerationSpec(
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from patchdiff_core.errors import PatchdiffError
-    from patchdiff_core.pipeline import SamplingModel
+    from patchdiff_core.generation.pipeline import SamplingModel
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from patchdiff_core.config import ModelConfig
-from patchdiff_core.registry import RELEASED
-from patchdiff_core.unet import PatchedUNet
+from patchdiff_core.generation.registry import RELEASED
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.unet import PatchedUNet
 
 aten = torch.ops.aten
 

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from patchdiff_core.config import ModelConfig
-from patchdiff_core.registry import RELEASED
-from patchdiff_core.unet import PatchedUNet
+from patchdiff_core.generation.registry import RELEASED
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.unet import PatchedUNet
 
 QUICK_MODELS = ["church_p8"]
 DEFAULTS = {

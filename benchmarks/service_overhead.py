@@ -32,8 +32,8 @@ from service_harness import Processes, free_port, wait_until  # noqa: E402
 def run_in_process(model, spec, batch_size: int) -> float:
     import torch
 
-    from patchdiff_core.images import make_grid, png_bytes
-    from patchdiff_core.pipeline import generate
+    from patchdiff_core.generation.images import make_grid, png_bytes
+    from patchdiff_core.generation.pipeline import generate
 
     started = time.perf_counter()
     with torch.inference_mode():
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from patchdiff_core.pipeline import SamplingModel
-    from patchdiff_core.serve import start_embedded_redis, stop_embedded_redis
-    from patchdiff_core.spec import GenerationSpec
+    from patchdiff_core.generation.pipeline import SamplingModel
+    from patchdiff_core.generation.spec import GenerationSpec
+    from patchdiff_core.service.serve import start_embedded_redis, stop_embedded_redis
 
     model = SamplingModel.load(args.model, weights_dir=args.weights_dir, device="cpu")
     body = {"model": args.model, "num_images": args.num_images, "timesteps": args.timesteps, "seed": 1234}

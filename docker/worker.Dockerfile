@@ -72,6 +72,6 @@ USER 10001:10001
 # PATCHDIFF_HEARTBEAT_TTL_S): the same test the API's /readyz and the job reaper use. Worker names
 # start with the hostname, which is the container's own. The start period covers loading the models.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import socket, sys, redis; from patchdiff_core.jobs import JobStore; from patchdiff_core.settings import get_settings; r = redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=3, socket_timeout=3); sys.exit(0 if next(r.scan_iter(match=JobStore.worker_key(socket.gethostname() + '-*'), count=1000), None) else 1)"]
+    CMD ["python", "-c", "import socket, sys, redis; from patchdiff_core.service.jobs import JobStore; from patchdiff_core.service.settings import get_settings; r = redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=3, socket_timeout=3); sys.exit(0 if next(r.scan_iter(match=JobStore.worker_key(socket.gethostname() + '-*'), count=1000), None) else 1)"]
 
 CMD ["python", "-m", "worker"]

@@ -9,16 +9,16 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ModelConfig": "config",
-    "PatchedUNet": "unet",
-    "load_model": "checkpoint",
-    "save_model": "checkpoint",
-    "Schedule": "diffusion",
-    "make_denoiser": "samplers",
-    "split_denoiser": "samplers",
-    "sample_ancestral": "samplers",
-    "sample_ddim": "samplers",
-    "space_timesteps": "respacing",
+    "ModelConfig": "model.config",
+    "PatchedUNet": "model.unet",
+    "load_model": "model.checkpoint",
+    "save_model": "model.checkpoint",
+    "Schedule": "diffusion.schedule",
+    "make_denoiser": "diffusion.samplers",
+    "split_denoiser": "diffusion.samplers",
+    "sample_ancestral": "diffusion.samplers",
+    "sample_ddim": "diffusion.samplers",
+    "space_timesteps": "diffusion.respacing",
 }
 
 __all__ = sorted(_LAZY)

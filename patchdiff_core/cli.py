@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PatchdiffError
-from .settings import get_settings
+from patchdiff_core.diffusion.names import SAMPLER_NAMES
+from patchdiff_core.errors import PatchdiffError
+from patchdiff_core.service.settings import get_settings
 
 EXIT_USAGE = 2
 
@@ -37,7 +38,7 @@ def _seed(text: str) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from .registry import all_models
+    from patchdiff_core.generation.registry import all_models
 
     weights_dir = get_settings().weights_dir
     rows = []
@@ -64,16 +65,16 @@ def cmd_models(args: argparse.Namespace) -> None:
 def _count_params(config) -> int:
     import torch
 
-    from .unet import PatchedUNet
+    from patchdiff_core.model.unet import PatchedUNet
 
     with torch.device("meta"):
         return sum(p.numel() for p in PatchedUNet(config).parameters())
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoint import convert_h5
-    from .config import ModelConfig
-    from .registry import get_model
+    from patchdiff_core.generation.registry import get_model
+    from patchdiff_core.model.checkpoint import convert_h5
+    from patchdiff_core.model.config import ModelConfig
 
     if (args.model is None) == (args.config is None):
         raise PatchdiffError("give exactly one of --model NAME or --config CONFIG.json")
@@ -100,10 +101,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from .images import write_outputs
-    from .pipeline import SamplingModel, generate
-    from .respacing import MODIFIED_STRIDE
-    from .spec import GenerationSpec, SpecError, check_spec, new_seed
+    from patchdiff_core.diffusion.respacing import MODIFIED_STRIDE
+    from patchdiff_core.generation.images import write_outputs
+    from patchdiff_core.generation.pipeline import SamplingModel, generate
+    from patchdiff_core.generation.spec import GenerationSpec, SpecError, check_spec, new_seed
 
     settings = get_settings()
     name = args.model or (None if args.weights else settings.default_model)
@@ -150,11 +151,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from .config import ModelConfig
-    from .data import load_dataset
-    from .pipeline import resolve_device
-    from .registry import get_model
-    from .train import TrainConfig, Trainer
+    from patchdiff_core.generation.pipeline import resolve_device
+    from patchdiff_core.generation.registry import get_model
+    from patchdiff_core.model.config import ModelConfig
+    from patchdiff_core.training.data import load_dataset
+    from patchdiff_core.training.train import TrainConfig, Trainer
 
     if (args.model is None) == (args.config is None):
         raise PatchdiffError("give exactly one of --model NAME or --config CONFIG.json")
@@ -203,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import serve
+    from patchdiff_core.service.serve import serve
 
     settings = get_settings()
     if args.port:
@@ -223,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import httpx
     from tqdm import tqdm
 
-    from .client import PatchdiffClient, ServiceError
+    from patchdiff_core.service.client import PatchdiffClient, ServiceError
 
     request = {
         "model": args.model, "num_images": args.num_images, "timesteps": args.timesteps,
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", choices=["grid", "folder", "npz"], default="grid")
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--timesteps", help="respacing: 'N', 'ddimN' or 'N1,N2,...' (default: the model's)")
-    p.add_argument("--sampler", choices=["ancestral", "ddim"])
+    p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--modified-stride", action="store_true", help="the seed's 90,60,60,20,20 spacing")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (1.0 = none)")
     p.add_argument("--class-label", type=int, action="append", help="repeatable; default: random from the seed")
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive, default=16)
     p.add_argument("--class-label", type=int, action="append")
     p.add_argument("--timesteps")
-    p.add_argument("--sampler", choices=["ancestral", "ddim"])
+    p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=_seed)
     p.add_argument("--out", default="grid.png")

@@ -45,9 +45,9 @@ def tiny_model_file(tmp_path_factory) -> Path:
     """A small random class-conditional model file (with metadata as `patchdiff train` writes it)."""
     import torch
 
-    from patchdiff_core.checkpoint import save_model
-    from patchdiff_core.config import ModelConfig
-    from patchdiff_core.unet import PatchedUNet
+    from patchdiff_core.model.checkpoint import save_model
+    from patchdiff_core.model.config import ModelConfig
+    from patchdiff_core.model.unet import PatchedUNet
 
     torch.manual_seed(0)
     model = PatchedUNet(ModelConfig(**TINY_CONFIG))

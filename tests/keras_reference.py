@@ -445,7 +445,7 @@ def forward(cfg: dict, weights, x, t, y=None) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Legacy Keras HDF5 I/O (independent of patchdiff_core.keras_h5)
+# Legacy Keras HDF5 I/O (independent of patchdiff_core.model.keras_h5)
 
 
 def _str(v) -> str:

@@ -79,7 +79,7 @@ def _pings(client) -> bool:
 
 def write_weights_dir(root: Path, model_file: Path, name: str = "tiny", defaults: dict | None = None) -> Path:
     """A weights directory whose manifest serves `model_file` under `name`."""
-    from patchdiff_core.checkpoint import read_config
+    from patchdiff_core.model.checkpoint import read_config
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(model_file, root / f"{name}.safetensors")

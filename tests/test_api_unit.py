@@ -8,7 +8,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from patchdiff_core.settings import Settings
+from patchdiff_core.service.settings import Settings
 
 
 @pytest.fixture

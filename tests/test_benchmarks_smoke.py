@@ -11,9 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from patchdiff_core.config import ModelConfig  # noqa: E402
-from patchdiff_core.registry import ModelEntry  # noqa: E402
-from patchdiff_core.unet import PatchedUNet  # noqa: E402
+from patchdiff_core.generation.registry import ModelEntry  # noqa: E402
+from patchdiff_core.model.config import ModelConfig  # noqa: E402
+from patchdiff_core.model.unet import PatchedUNet  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

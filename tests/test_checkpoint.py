@@ -2,10 +2,10 @@ import pytest
 import torch
 from conftest import TINY_CONFIG
 
-from patchdiff_core.checkpoint import convert_h5, load_model, read_config, save_model
-from patchdiff_core.config import ModelConfig
 from patchdiff_core.errors import CheckpointError
-from patchdiff_core.unet import PatchedUNet
+from patchdiff_core.model.checkpoint import convert_h5, load_model, read_config, save_model
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.unet import PatchedUNet
 
 
 def _inputs(config, batch=3, seed=0):

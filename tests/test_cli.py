@@ -87,8 +87,8 @@ def test_sample_user_errors(capsys, tmp_path, tiny_model_file, golden_uncond_fil
 def golden_uncond_file(tmp_path):
     from conftest import FIXTURES
 
-    from patchdiff_core.checkpoint import convert_h5
-    from patchdiff_core.config import ModelConfig
+    from patchdiff_core.model.checkpoint import convert_h5
+    from patchdiff_core.model.config import ModelConfig
 
     out = tmp_path / "uncond.safetensors"
     convert_h5(FIXTURES / "uncond_p2" / "ema_weights.h5", out, ModelConfig.from_file(FIXTURES / "uncond_p2" / "config.json"))

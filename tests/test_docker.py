@@ -263,7 +263,7 @@ def env_example() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def settings_fields() -> set[str]:
-    from patchdiff_core.settings import Settings
+    from patchdiff_core.service.settings import Settings
 
     return {"PATCHDIFF_" + name.upper() for name in Settings.model_fields}
 
@@ -377,7 +377,7 @@ def test_api_keys_are_off_in_compose_but_on_in_env_example(compose, env_example)
 @pytest.mark.parametrize("service", ["api", "worker"])
 def test_service_environment_makes_valid_settings(compose, merged, env_example, service, source, monkeypatch):
     """What Settings() reads in the container: the image's ENV, then compose's environment."""
-    from patchdiff_core.settings import Settings
+    from patchdiff_core.service.settings import Settings
 
     env = env_example if source == "env_example" else {}
     dockerfile = Dockerfile(API_DOCKERFILE if service == "api" else WORKER_DOCKERFILE)
@@ -469,7 +469,7 @@ def test_api_module_imports_without_torch():
 
 def _app_paths(store_dir: Path) -> set[str]:
     from api.main import create_app
-    from patchdiff_core.settings import Settings
+    from patchdiff_core.service.settings import Settings
 
     # Nothing connects at creation: the Redis client is lazy.
     app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", store_dir=store_dir))
@@ -536,8 +536,8 @@ def test_worker_healthcheck_follows_the_heartbeat(redis_url, tmp_path):
     """The HEALTHCHECK command exits 0 only while a worker of this host has a live heartbeat key."""
     import redis
 
-    from patchdiff_core.jobs import JobStore
-    from patchdiff_core.settings import Settings
+    from patchdiff_core.service.jobs import JobStore
+    from patchdiff_core.service.settings import Settings
 
     # A database of its own: other tests' workers on this host beat in database 0.
     url = redis_url.rsplit("/", 1)[0] + "/13"

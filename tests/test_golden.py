@@ -24,7 +24,7 @@ def test_forward_matches_reference(golden):
 
 def test_schedule_matches_reference(golden):
     schedule = Schedule.linear(golden.config["beta_max"])
-    assert rel_err(schedule.alphas.numpy(), golden.ref["alpha_set"]) <= 1e-6
+    assert rel_err(schedule.alphas_cumprod.numpy(), golden.ref["alpha_set"]) <= 1e-6
     assert rel_err(schedule.b_tilde.numpy(), golden.ref["b_tilde"]) <= 1e-6
 
 
@@ -67,7 +67,7 @@ def test_guided_case_really_exercises_guidance(golden):
 
 
 def test_respacing_matches_fixture_timesteps(golden):
-    from patchdiff_core.respacing import space_timesteps
+    from patchdiff_core.diffusion.respacing import space_timesteps
 
     steps = golden.config["sample_steps"]
     assert space_timesteps(1000, str(steps)) == golden.ref["sample_timesteps"].tolist()

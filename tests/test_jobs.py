@@ -5,9 +5,9 @@ import time
 import pytest
 import redis
 
-from patchdiff_core.jobs import IdempotencyConflict, JobStore
-from patchdiff_core.settings import Settings
-from patchdiff_core.spec import GenerationSpec
+from patchdiff_core.generation.spec import GenerationSpec
+from patchdiff_core.service.jobs import IdempotencyConflict, JobStore
+from patchdiff_core.service.settings import Settings
 
 
 @pytest.fixture

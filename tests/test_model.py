@@ -2,7 +2,7 @@ import torch
 from conftest import nhwc_to_nchw, rel_err
 
 from patchdiff_core import load_model
-from patchdiff_core.layers import Downsample, patchify, unpatchify
+from patchdiff_core.model.layers import Downsample, patchify, unpatchify
 
 
 def test_patchify_layout_and_inverse():

@@ -1,6 +1,6 @@
 import pytest
 
-from patchdiff_core.respacing import MODIFIED_STRIDE, resolve_timesteps, space_timesteps
+from patchdiff_core.diffusion.respacing import MODIFIED_STRIDE, resolve_timesteps, space_timesteps
 
 
 def test_evenly_spaced_known_outputs():

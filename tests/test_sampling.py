@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from patchdiff_core.pipeline import SamplingModel, generate
-from patchdiff_core.samplers import dynamic_threshold, split_denoiser
-from patchdiff_core.spec import GenerationSpec, random_labels
+from patchdiff_core.diffusion.samplers import dynamic_threshold, split_denoiser
+from patchdiff_core.generation.pipeline import SamplingModel, generate
+from patchdiff_core.generation.spec import GenerationSpec, random_labels
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_split_denoiser_switches_by_timestep():
 
 
 def test_imagenet_switch_is_timestep_396():
-    from patchdiff_core.diffusion import Schedule
-    from patchdiff_core.registry import IMAGENET_SPLIT_SNR
+    from patchdiff_core.diffusion.schedule import Schedule
+    from patchdiff_core.generation.registry import IMAGENET_SPLIT_SNR
 
     assert Schedule.linear(0.02).timestep_for_snr(IMAGENET_SPLIT_SNR) == 396
 
@@ -104,8 +104,8 @@ def test_manifest_sha256_is_checked(tmp_path, tiny_model_file):
 
     from service_harness import write_weights_dir
 
-    from patchdiff_core.checkpoint import file_sha256
     from patchdiff_core.errors import CheckpointError
+    from patchdiff_core.model.checkpoint import file_sha256
 
     root = write_weights_dir(tmp_path, tiny_model_file, "tiny")
     manifest = json.loads((root / "manifest.json").read_text())

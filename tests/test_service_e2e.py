@@ -14,9 +14,9 @@ import pytest
 import torch
 from service_harness import Processes, RedisServer, free_port, service_env, wait_until, write_weights_dir
 
-from patchdiff_core.checkpoint import save_model
-from patchdiff_core.config import ModelConfig
-from patchdiff_core.unet import PatchedUNet
+from patchdiff_core.model.checkpoint import save_model
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.unet import PatchedUNet
 
 pytestmark = pytest.mark.slow
 TERMINAL = ("finished", "failed", "cancelled")

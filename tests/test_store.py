@@ -1,6 +1,6 @@
 import pytest
 
-from patchdiff_core.store import LocalStore, S3Store, result_key
+from patchdiff_core.service.store import LocalStore, S3Store, result_key
 
 JOB = "0123456789abcdef0123456789abcdef"
 

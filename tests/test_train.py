@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from patchdiff_core.config import ModelConfig
-from patchdiff_core.diffusion import Schedule
-from patchdiff_core.losses import hybrid_loss
-from patchdiff_core.train import Trainer, TrainConfig, drop_labels, timestep_range
+from patchdiff_core.diffusion.losses import hybrid_loss
+from patchdiff_core.diffusion.schedule import Schedule
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.training.train import TrainConfig, Trainer, drop_labels, timestep_range
 
 TINY = ModelConfig(res=16, c=32, n_blocks=1, attn_resos=[], c_mult=[1, 2], num_classes=3, patch_size=2)
 
@@ -36,7 +36,7 @@ def test_loss_matches_hand_computation():
 
     expected_simple, expected_vlb = 0.0, 0.0
     for b in range(2):
-        a = float(schedule.alphas[t[b]])
+        a = float(schedule.alphas_cumprod[t[b]])
         beta = float(schedule.betas[t[b]])
         bt = float(schedule.b_tilde[t[b]])
         sq = sum((float(pred[b].flatten()[i]) - float(x0[b].flatten()[i])) ** 2 for i in range(12))
@@ -137,7 +137,7 @@ def test_cli_train_export_then_sample(tmp_path, capsys):
     main(["sample", "--weights", str(exported), "--num-images", "2", "--timesteps", "3", "--seed", "1",
           "--class-label", "7", "--out", str(tmp_path / "g.png"), "--quiet"])
     assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 + 34, 2 * 34 + 2, 3)
-    from patchdiff_core.checkpoint import read_metadata
+    from patchdiff_core.model.checkpoint import read_metadata
 
     meta = read_metadata(exported)
     assert meta["model"] == "digits_small" and json.loads(meta["classes"]) == [str(i) for i in range(10)]

@@ -7,15 +7,15 @@ on random weights written in the legacy Keras HDF5 layout for unseen configurati
 
 import json
 
+import keras_reference as kr
 import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES, GOLDEN_CASES, nchw_to_nhwc, nhwc_to_nchw, rel_err
 
-import keras_reference as kr
-from patchdiff_core.checkpoint import load_model
-from patchdiff_core.config import ModelConfig
 from patchdiff_core.errors import CheckpointError
+from patchdiff_core.model.checkpoint import load_model
+from patchdiff_core.model.config import ModelConfig
 
 TOL = 1e-4
 

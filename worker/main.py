@@ -21,9 +21,9 @@ import redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from patchdiff_core.jobs import JobStore
-from patchdiff_core.settings import Settings, get_settings
-from patchdiff_core.store import make_store
+from patchdiff_core.service.jobs import JobStore
+from patchdiff_core.service.settings import Settings, get_settings
+from patchdiff_core.service.store import make_store
 
 from .models import ModelCache
 from .tasks import WorkerContext, configure

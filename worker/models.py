@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from patchdiff_core.errors import PatchdiffError
-from patchdiff_core.pipeline import SamplingModel
-from patchdiff_core.settings import Settings
+from patchdiff_core.generation.pipeline import SamplingModel
+from patchdiff_core.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

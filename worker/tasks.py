@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from patchdiff_core.errors import Cancelled, PatchdiffError
-from patchdiff_core.images import make_grid, png_bytes
-from patchdiff_core.jobs import JobStore
-from patchdiff_core.pipeline import generate
-from patchdiff_core.store import ObjectStore, result_key
+from patchdiff_core.generation.images import make_grid, png_bytes
+from patchdiff_core.generation.pipeline import generate
+from patchdiff_core.service.jobs import JobStore
+from patchdiff_core.service.store import ObjectStore, result_key
 
 from .models import ModelCache
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from patchdiff_core.errors import CheckpointError
 
 
 def read_keras_weights(path: str | Path) -> list[tuple[str, np.ndarray]]:

@@ -12,10 +12,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .keras_h5 import keras_state_dict, read_keras_weights
-from .unet import PatchedUNet
+from patchdiff_core.errors import CheckpointError
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.keras_h5 import keras_state_dict, read_keras_weights
+from patchdiff_core.model.unet import PatchedUNet
 
 FORMAT = "patchdiff/1"
 

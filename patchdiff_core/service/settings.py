@@ -12,7 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from patchdiff_core.diffusion.names import SAMPLER_NAMES, SamplerName
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Settings(BaseSettings):
@@ -44,8 +46,8 @@ class Settings(BaseSettings):
     max_timesteps: int = Field(default=1000, ge=2, le=1000)
     min_guidance: float = 1.0
     max_guidance: float = 20.0
-    allowed_samplers: Annotated[list[Literal["ancestral", "ddim"]], NoDecode] = Field(
-        default_factory=lambda: ["ancestral", "ddim"]
+    allowed_samplers: Annotated[list[SamplerName], NoDecode] = Field(
+        default_factory=lambda: list(SAMPLER_NAMES)
     )
 
     # Worker

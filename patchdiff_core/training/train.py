@@ -16,12 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import save_model
-from .config import ModelConfig
-from .diffusion import Schedule
-from .losses import hybrid_loss
-from .registry import SamplingDefaults
-from .unet import PatchedUNet
+from patchdiff_core.diffusion.losses import hybrid_loss
+from patchdiff_core.diffusion.schedule import Schedule
+from patchdiff_core.generation.registry import SamplingDefaults
+from patchdiff_core.model.checkpoint import save_model
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.unet import PatchedUNet
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
@@ -111,7 +111,7 @@ class Trainer:
         return x0, y, t, eps
 
     def loss(self, x0, y, t, eps) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha = self.schedule.alphas[t].view(-1, 1, 1, 1).to(self.device)
+        alpha = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1).to(self.device)
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
         y = y.to(self.device) if y is not None else None
         xt = alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps

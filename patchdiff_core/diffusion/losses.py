@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion import Schedule
+from patchdiff_core.diffusion.schedule import Schedule
 
 
 def hybrid_loss(
@@ -17,7 +17,7 @@ def hybrid_loss(
     with x̂0 detached so that this term trains only the variance output; masked out at t = 0.
     """
     shape = (-1, 1, 1, 1)
-    alpha = schedule.alphas.to(t.device)[t].view(shape)
+    alpha = schedule.alphas_cumprod.to(t.device)[t].view(shape)
     beta = schedule.betas.to(t.device)[t].view(shape)
     b_tilde = schedule.b_tilde.to(t.device)[t].view(shape)
     root_snr = torch.sqrt(alpha / (1 - alpha)).flatten()
@@ -25,7 +25,7 @@ def hybrid_loss(
     squared = (pred_x0.float() - x0).square().sum(dim=(1, 2, 3))
     l_simple = (squared * root_snr).mean()
 
-    pred_var = torch.exp(v.float() * torch.log(b_tilde) + (1 - v.float()) * torch.log(beta))
+    pred_var = torch.exp(Schedule.log_variance(v.float(), beta, b_tilde))
     # alpha·β² / ((1−β)(1−alpha)²) is the squared x0 coefficient of the posterior mean over the variance.
     gamma = alpha * beta.square() / (pred_var * (1 - beta) * (1 - alpha).square())
     kl = 0.5 * (gamma * (pred_x0.detach().float() - x0).square() + torch.log(pred_var / b_tilde) + b_tilde / pred_var - 1)

@@ -11,7 +11,7 @@ import secrets
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .registry import SamplerName
+from patchdiff_core.diffusion.names import SamplerName
 
 
 class GenerationSpec(BaseModel):
@@ -70,7 +70,7 @@ class SpecError(ValueError):
 
 def check_spec(spec: GenerationSpec, num_classes: int, max_timesteps: int = 1000) -> list[int]:
     """Check a request against its model; return the taken timesteps. Raises `SpecError`."""
-    from .respacing import resolve_timesteps
+    from patchdiff_core.diffusion.respacing import resolve_timesteps
 
     try:
         steps = resolve_timesteps(spec.timesteps)

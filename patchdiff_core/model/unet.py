@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .layers import (
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.layers import (
     Attention,
     Downsample,
     EmbedSequential,

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import file_sha256, load_model, read_metadata
-from .config import ModelConfig
-from .diffusion import Schedule
-from .errors import CheckpointError, PatchdiffError
-from .images import to_uint8
-from .registry import ModelEntry, SamplingDefaults, get_model
-from .samplers import SAMPLERS, Denoise, make_denoiser, split_denoiser
-from .spec import GenerationSpec, check_spec, image_seed, resolve_labels
-from .unet import PatchedUNet
+from patchdiff_core.diffusion.samplers import Denoise, make_denoiser, sample, split_denoiser
+from patchdiff_core.diffusion.schedule import Schedule
+from patchdiff_core.errors import CheckpointError, PatchdiffError
+from patchdiff_core.generation.images import to_uint8
+from patchdiff_core.generation.registry import ModelEntry, SamplingDefaults, get_model
+from patchdiff_core.generation.spec import GenerationSpec, check_spec, image_seed, resolve_labels
+from patchdiff_core.model.checkpoint import file_sha256, load_model, read_metadata
+from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.unet import PatchedUNet
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -187,7 +187,6 @@ def generate(
     """
     timesteps = check_spec(spec, model.config.num_classes)
     labels = resolve_labels(spec, model.config.num_classes)
-    sampler = SAMPLERS[spec.sampler]
     res = model.config.res
     starts = list(range(0, spec.num_images, batch_size))
     total = len(starts) * len(timesteps)
@@ -205,6 +204,8 @@ def generate(
             def report(info: dict, done: int = done, start: int = start) -> None:
                 callback({**info, "step": done + info["step"], "total": total, "start": start})
 
-        x0 = sampler(model.denoiser(y, spec.guidance), noise(), timesteps, model.schedule, noise=noise, callback=report)
+        x0 = sample(
+            spec.sampler, model.denoiser(y, spec.guidance), noise(), timesteps, model.schedule, noise=noise, callback=report
+        )
         images.append(to_uint8(x0))
     return Generation(np.concatenate(images), labels, timesteps)

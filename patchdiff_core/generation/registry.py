@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import ModelConfig
+from patchdiff_core.diffusion.names import SamplerName
+from patchdiff_core.model.config import ModelConfig
 
-SamplerName = Literal["ancestral", "ddim"]
 # Split #0 of the ImageNet pair was trained on SNR >= 0.25, split #1 below it; the original switches
 # networks at the timestep whose SNR is nearest 0.25 (t = 396 for the linear schedule).
 IMAGENET_SPLIT_SNR = 0.25

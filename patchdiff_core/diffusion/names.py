@@ -1,0 +1,12 @@
+"""The sampler names: the one list that the CLI, the API schema, the settings and the samplers share.
+
+Torch-free (the API validates requests with it). `patchdiff_core.diffusion.samplers.SAMPLERS` has
+exactly these keys (a test checks it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+SamplerName = Literal["ancestral", "ddim"]
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)

@@ -1,0 +1,244 @@
+"""Samplers: plain functions of (denoise, x, timesteps, schedule), built on one per-sample step each.
+
+`denoise(x, t, guided)` returns the x0 prediction and the variance interpolation v at taken
+timestep `t` (an int, the original 0..999 index). `guided=False` asks for the plain conditional
+pass, which the original uses at the last step. Build one with `make_denoiser`.
+
+**The step contract** (in the spirit of diffusers' `scheduler.step`, but per sample, so that images at
+different timesteps, of different requests, share a batch): a `Sampler` turns the current sample `x`
+and the network's prediction at its taken step into the sample at the next lower taken step:
+
+    x_next, state = sampler.step(x, x0, v, alpha, alpha_next, state, noise, last)
+
+with every argument batched over the first dimension, one row per image: `alpha` and `alpha_next`
+[B] are the cumulative alphas of the current and the next taken step, `state` the sampler's
+per-image memory (a dict of [B, ...] tensors from `sampler.init_state(x)`; a multistep sampler keeps
+its history there), `noise` [B, ...] the image's next noise draw when `sampler.needs_noise` (else
+None) and `last` [B] bool whether the step lands on the lowest taken step. `sample()` below drives it
+for one batch that moves in lockstep; the worker's batching engine drives the same `step` for images
+that do not. The final x0 is then the plain conditional pass at the lowest taken step, as the original.
+
+Every sampler reports each step through `callback(info)` with `info` a dict of `step` (1-based),
+`total`, `t`, `x` (the current sample) and `x0` (the current prediction); raising from the callback
+(for example `errors.Cancelled`) stops sampling at that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from patchdiff_core.diffusion.names import SAMPLER_NAMES
+from patchdiff_core.diffusion.schedule import Schedule
+from patchdiff_core.model.unet import PatchedUNet
+
+Denoise = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+Callback = Callable[[dict], None]
+NoiseSource = Callable[[], torch.Tensor]
+State = dict[str, torch.Tensor]
+
+THRESHOLD_PERCENTILE = 99.5
+
+
+# -- guidance ---------------------------------------------------------------------------------------
+def dynamic_threshold(x0: torch.Tensor, percentile: float = THRESHOLD_PERCENTILE) -> torch.Tensor:
+    """Clip each sample to its `percentile` of |x0| (nearest rank, at least 1), then rescale to [-1, 1]."""
+    flat = x0.detach().abs().flatten(1).float()
+    n = flat.shape[1]
+    # tfp.stats.percentile(..., interpolation="nearest"): index round((n - 1) q), ties to even.
+    rank = round((n - 1) * percentile / 100.0)
+    s = flat.kthvalue(rank + 1, dim=1).values.clamp(min=1.0).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def guided_x0(cond: torch.Tensor, uncond: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, x0 = W·x0(y) − (W−1)·x0(∅), then dynamic thresholding.
+
+    `guidance` is a number or one weight per sample ([B]); every guided path calls this.
+    """
+    if isinstance(guidance, torch.Tensor):
+        guidance = guidance.to(cond).view(-1, *([1] * (cond.ndim - 1)))
+    return dynamic_threshold(guidance * cond - (guidance - 1.0) * uncond)
+
+
+def make_denoiser(
+    model: PatchedUNet,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> Denoise:
+    """Wrap a network (with its labels, guidance and precision) as a `denoise` function.
+
+    With guidance W > 1 the conditional and "no label" passes run as one batch of 2B (`guided_x0`);
+    the variance is the conditional one.
+    """
+    if guidance != 1.0 and not model.config.conditional:
+        raise ValueError("classifier-free guidance needs a class-conditional model")
+    forward = network_forward(model, autocast_dtype, channels_last)
+
+    # The conditional and "no label" halves of a guided batch, built once, not at every step.
+    guided_labels = None
+    if guidance != 1.0:
+        if labels is None:
+            raise ValueError("classifier-free guidance needs class labels")
+        guided_labels = torch.cat([labels, torch.full_like(labels, model.null_label)])
+
+    def denoise(x: torch.Tensor, t: int, guided: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if not guided or guided_labels is None:
+            return forward(x, steps, labels)
+        mean, var = forward(torch.cat([x, x]), torch.cat([steps, steps]), guided_labels)
+        cond, uncond = mean.chunk(2)
+        return guided_x0(cond, uncond, guidance), var[: x.shape[0]]
+
+    return denoise
+
+
+def network_forward(
+    model: PatchedUNet, autocast_dtype: torch.dtype | None = None, channels_last: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:
+    """`forward(x, t, y)` with per-sample `t` [B], under the given precision: the one place a sampling
+    path calls the network (the plain denoiser and the batching engine both use it)."""
+    device = next(model.parameters()).device
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype is not None else nullcontext
+    )
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast():
+            mean, var = model(x, t, y)
+        return mean.float(), var.float()
+
+    return forward
+
+
+def split_denoiser(low_noise: Denoise, high_noise: Denoise, switch_t: int) -> Denoise:
+    """Two-network sampling: `high_noise` for t >= switch_t, `low_noise` below (and at the last step)."""
+
+    def denoise(x: torch.Tensor, t: int, guided: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return (high_noise if t >= switch_t else low_noise)(x, t, guided)
+
+    return denoise
+
+
+# -- per-sample steps ------------------------------------------------------------------------------
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] per-sample scalars as [B, 1, 1, 1] float32, to broadcast over images."""
+    return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+
+def ancestral_step(
+    x: torch.Tensor, x0: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """The paper's reverse step with learned variance from a taken step (cumulative alpha `alpha`)
+    to the next lower taken step (`alpha_prev`); `alpha`, `alpha_prev` broadcast against x."""
+    beta, b_tilde = Schedule.step_variances(alpha, alpha_prev)
+    mean = (x - beta * (x - torch.sqrt(alpha) * x0) / (1 - alpha)) / torch.sqrt(1 - beta)
+    return mean + torch.exp(0.5 * Schedule.log_variance(v, beta, b_tilde)) * z
+
+
+def ddim_step(x: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0): keep the implied noise, move x0 to the next taken step."""
+    eps = (x - torch.sqrt(alpha) * x0) / torch.sqrt(1 - alpha)
+    return torch.sqrt(alpha_prev) * x0 + torch.sqrt(1 - alpha_prev) * eps
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler's per-sample step (see the module doc for the contract)."""
+
+    name: str
+    needs_noise: bool  # draws one noise tensor per image for every step but the last
+
+    def init_state(self, x: torch.Tensor) -> State:
+        return {}
+
+    def step(self, x, x0, v, alpha, alpha_next, state: State, noise, last) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+
+class Ancestral(Sampler):
+    def step(self, x, x0, v, alpha, alpha_next, state, noise, last):
+        return ancestral_step(x, x0, v, _rows(alpha, x), _rows(alpha_next, x), noise), state
+
+
+class DDIM(Sampler):
+    def step(self, x, x0, v, alpha, alpha_next, state, noise, last):
+        return ddim_step(x, x0, _rows(alpha, x), _rows(alpha_next, x)), state
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ancestral": Ancestral("ancestral", needs_noise=True),
+    "ddim": DDIM("ddim", needs_noise=False),
+}
+assert tuple(SAMPLERS) == SAMPLER_NAMES, "names.SamplerName and SAMPLERS must list the same samplers"
+
+
+# -- the plain loop -----------------------------------------------------------------------------------
+def _noise_source(noise: Sequence[torch.Tensor] | NoiseSource | None, like: torch.Tensor) -> NoiseSource:
+    if noise is None:
+        return lambda: torch.randn_like(like)
+    if callable(noise):
+        return noise
+    it = iter(noise)
+
+    def next_noise() -> torch.Tensor:
+        try:
+            return next(it).to(like)
+        except StopIteration:
+            raise ValueError("the noise sequence is shorter than the number of steps") from None
+
+    return next_noise
+
+
+def _report(callback: Callback | None, step: int, total: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"step": step, "total": total, "t": t, "x": x, "x0": x0})
+
+
+def sample(
+    sampler: Sampler | str,
+    denoise: Denoise,
+    x: torch.Tensor,
+    timesteps: Iterable[int],
+    schedule: Schedule,
+    noise: Sequence[torch.Tensor] | NoiseSource | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Run `sampler` over respaced `timesteps` (any order; used from the highest down).
+
+    `x` is the start noise at the highest taken step. `noise` gives the noise of each step but the
+    last, consumed from the highest timestep down: a sequence of tensors (to replay a trajectory),
+    a callable returning the next tensor, or None for `torch.randn_like`. Returns the final x0
+    (unclipped), the plain conditional prediction at the lowest taken step.
+    """
+    sampler = SAMPLERS[sampler] if isinstance(sampler, str) else sampler
+    steps = sorted(timesteps, reverse=True)
+    next_noise = _noise_source(noise, x)
+    x = x.float()
+    batch = x.shape[0]
+    alphas = schedule.alphas_cumprod.to(x.device)
+    state = sampler.init_state(x)
+    for i, (t, t_next) in enumerate(zip(steps, steps[1:])):
+        x0, v = denoise(x, t, True)
+        z = next_noise() if sampler.needs_noise else None
+        last = torch.full((batch,), i == len(steps) - 2, dtype=torch.bool, device=x.device)
+        x, state = sampler.step(x, x0, v, alphas[t].expand(batch), alphas[t_next].expand(batch), state, z, last)
+        _report(callback, i + 1, len(steps), t, x, x0)
+    x0, _ = denoise(x, steps[-1], False)
+    _report(callback, len(steps), len(steps), steps[-1], x0, x0)
+    return x0
+
+
+sample_ancestral = partial(sample, SAMPLERS["ancestral"])
+sample_ancestral.__doc__ = "The paper's ancestral sampler with learned variance: `sample('ancestral', ...)`."
+sample_ddim = partial(sample, SAMPLERS["ddim"])
+sample_ddim.__doc__ = "Deterministic DDIM (eta = 0) on the same x0 predictions; `noise` is accepted and unused."
