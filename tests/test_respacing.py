@@ -1,4 +1,7 @@
+import json
+
 import pytest
+from conftest import FIXTURES
 
 from patchdiff_core.diffusion.respacing import MODIFIED_STRIDE, resolve_timesteps, space_timesteps
 
@@ -29,7 +32,7 @@ def test_sections_as_in_adm():
 
 
 def test_modified_stride():
-    steps = resolve_timesteps("ignored", modified_stride=True)
+    steps = resolve_timesteps(MODIFIED_STRIDE)
     assert MODIFIED_STRIDE == "90,60,60,20,20"
     assert len(steps) == 250
     assert steps[:5] == [0, 2, 4, 7, 9]
@@ -44,3 +47,13 @@ def test_modified_stride():
 def test_bad_specs(spec):
     with pytest.raises(ValueError):
         resolve_timesteps(spec)
+
+
+def test_every_count_and_section_list_as_the_original():
+    """The original's own output (tests/fixtures/golden/respacing.json) for every count 1..1000."""
+    ref = json.loads((FIXTURES / "respacing.json").read_text())
+    assert len(ref["counts"]) == 1000
+    wrong = [n for n, steps in ref["counts"].items() if space_timesteps(1000, int(n)) != steps]
+    assert not wrong, f"{len(wrong)} counts differ from the original, e.g. {wrong[:5]}"
+    for sections, steps in ref["sections"].items():
+        assert space_timesteps(1000, sections) == steps, sections

@@ -35,8 +35,13 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
             raise ValueError(f"section {i} asks for {count} steps; each section needs at least 1")
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
-        stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(stride * k) for k in range(count)]
+        frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        # As the original: accumulate the float stride and round each partial sum. Rounding
+        # `frac_stride * k` instead picks other steps for 278 of the counts 2..1000 (e.g. 21, 23, 31).
+        cur_idx = 0.0
+        for _ in range(count):
+            steps.append(start + round(cur_idx))
+            cur_idx += frac_stride
         start += size
     return sorted(set(steps))
 
@@ -48,9 +53,9 @@ def _parse_count(text: str, spec: str) -> int:
         raise ValueError(f"invalid timestep spec {spec!r}: expected 'N', 'ddimN' or 'N1,N2,...'") from None
 
 
-def resolve_timesteps(spec: str | int, modified_stride: bool = False) -> list[int]:
-    """The taken steps for a user-facing spec; `modified_stride` overrides it, as in the seed."""
-    steps = space_timesteps(NUM_TIMESTEPS, MODIFIED_STRIDE if modified_stride else spec)
+def resolve_timesteps(spec: str | int) -> list[int]:
+    """The taken steps for a user-facing spec (at least 2)."""
+    steps = space_timesteps(NUM_TIMESTEPS, spec)
     if len(steps) < 2:
         raise ValueError("sampling needs at least 2 timesteps")
     return steps
