@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             "PATCHDIFF_WEIGHTS_DIR": str(args.weights_dir),
             "PATCHDIFF_STORE_DIR": str(Path(tmp) / "store"),
             "PATCHDIFF_WORKER_MODELS": args.model,
-            "PATCHDIFF_WORKER_BATCH_SIZE": str(args.batch_size),
+            "PATCHDIFF_ENGINE_MAX_BATCH": str(args.batch_size),
             "PATCHDIFF_DEVICE": "cpu",
             "OMP_NUM_THREADS": str(args.threads),
         })

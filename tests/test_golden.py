@@ -1,8 +1,8 @@
 """The port reproduces the original TensorFlow code's outputs (fixtures in fixtures/golden/)."""
 
 import numpy as np
-import torch
 import pytest
+import torch
 from conftest import FORWARD_TOL, TRAJECTORY_TOL, Golden, nchw_to_nhwc, nhwc_to_nchw, rel_err
 
 from patchdiff_core import Schedule, load_model, make_denoiser, sample_ancestral

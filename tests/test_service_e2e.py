@@ -52,7 +52,10 @@ def weights(tmp_path_factory, tiny_model_file):
 def service(tmp_path_factory, weights):
     tmp = tmp_path_factory.mktemp("service")
     redis_server = RedisServer(tmp / "redis").start()
-    env = service_env(redis_server.url, weights, tmp / "store", PATCHDIFF_WORKER_MODELS="tiny,tinyu")
+    # One job at a time, so that a second job stays queued (test_service_batching.py has the engine
+    # holding many jobs at once).
+    env = service_env(redis_server.url, weights, tmp / "store", PATCHDIFF_WORKER_MODELS="tiny,tinyu",
+                      PATCHDIFF_ENGINE_MAX_JOBS="1")
     procs = Processes(env, tmp / "logs")
     procs.worker()
     url = procs.api(free_port())
@@ -87,7 +90,8 @@ def test_submit_poll_download_matches_cli_bytes(service, weights, tmp_path):
 
     done = wait_job(url, job["id"])
     assert done["status"] == "finished", done
-    assert done["progress"] == {"step": 12, "total": 12, "fraction": 1.0}
+    # Progress counts network evaluations image by image: 5 images x 12 steps.
+    assert done["progress"] == {"step": 60, "total": 60, "fraction": 1.0}
     assert done["timings"]["run_s"] > 0 and done["attempts"] == 1
     grid = httpx.get(done["links"]["grid"])
     assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"

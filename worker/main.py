@@ -1,32 +1,32 @@
-"""A patchdiff worker process: load the models once, announce them, then run jobs from the queue.
+"""A patchdiff worker process: load the models once, announce them, then run jobs from the queue in
+the batching engine (`worker.runner`), many jobs at once, one forward pass per model per step.
 
-Why RQ's `SimpleWorker` and not its default `Worker`: the default forks a child ("work horse") per
-job. A CUDA context cannot be used across fork, and a fresh child would load the weights again for
-every job. `SimpleWorker` runs each job in this process, so the models loaded at start-up stay on
-the GPU for the life of the worker. Liveness does not rely on the horse either: a heartbeat thread
-refreshes this worker's key every `heartbeat_interval_s`, and any process's `reap()` requeues the
-job of a worker whose key expired (SIGKILL, out-of-memory kill, lost machine).
+The jobs run in this process (no fork per job as RQ's default worker does): a CUDA context cannot
+be used across fork, and a fresh child would load the weights again for every job. Liveness does
+not rely on RQ either: a heartbeat thread refreshes this worker's key every `heartbeat_interval_s`,
+and any process's `reap()` requeues the jobs of a worker whose key expired (SIGKILL, out-of-memory
+kill, lost machine): every job the worker held, since each job record names its worker.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
 
 import redis
-from rq import SimpleWorker
-from rq.serializers import JSONSerializer
 
 from patchdiff_core.service.jobs import JobStore
 from patchdiff_core.service.settings import Settings, get_settings
 from patchdiff_core.service.store import make_store
 
 from .models import ModelCache
-from .tasks import WorkerContext, configure
+from .runner import EngineRunner
+from .tasks import configure
 
 log = logging.getLogger("patchdiff.worker")
 
@@ -73,16 +73,22 @@ def run_worker(settings: Settings | None = None, burst: bool = False, name: str 
     models.load_all()
     store = make_store(settings)
     store.check()
-    configure(WorkerContext(name=name, jobs=jobs, store=store, models=models))
+    max_rows = {m: settings.engine_rows(m, models.models[m].device.type) for m in models.models}
+    max_jobs = settings.engine_max_jobs or sum(max_rows.values())
+    runner = EngineRunner(name, jobs, store, models, max_rows, max_jobs)
+    configure(runner)
 
     heartbeat = Heartbeat(jobs, name, {"name": name, "models": models.describe(), "pid": os.getpid(),
-                                       "host": socket.gethostname(), "started_at": time.time()})
+                                       "host": socket.gethostname(), "started_at": time.time(),
+                                       "max_rows": max_rows, "max_jobs": max_jobs})
     heartbeat.beat()
     heartbeat.start()
-    log.info("worker %s serving %s", name, ", ".join(models.models))
-    worker = SimpleWorker([jobs.queue], connection=conn, name=name, serializer=JSONSerializer)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: runner.stop())
+    log.info("worker %s serving %s (rows per forward: %s; up to %d jobs at once)",
+             name, ", ".join(models.models), max_rows, max_jobs)
     try:
-        worker.work(burst=burst, logging_level="WARNING")
+        runner.run([jobs.queue], burst=burst)
     finally:
         heartbeat.stop()
 

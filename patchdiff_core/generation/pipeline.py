@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from patchdiff_core.diffusion.samplers import Denoise, make_denoiser, sample, split_denoiser
+from patchdiff_core.diffusion.samplers import Denoise, make_denoiser, network_forward, sample, split_denoiser
 from patchdiff_core.diffusion.schedule import Schedule
 from patchdiff_core.errors import CheckpointError, PatchdiffError
 from patchdiff_core.generation.images import to_uint8
@@ -45,17 +46,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def image_noise(seed: int, index: int, shape: tuple[int, ...], device: torch.device) -> Callable[[], torch.Tensor]:
+    """The noise source of image `index` of a request seeded `seed`: its own generator, seeded by
+    (seed, index), so that the picture does not depend on which images share its batch."""
+    generator = torch.Generator(device=device).manual_seed(image_seed(seed, index))
+    return lambda: torch.randn(shape, generator=generator, device=device)
+
+
 class ImageNoise:
-    """Noise drawn image by image, each from its own generator seeded by (request seed, image index)."""
+    """The noise of a batch of images: one draw of each image's own source, stacked."""
 
     def __init__(self, seed: int, indices: range, shape: tuple[int, ...], device: torch.device):
-        self.shape, self.device = shape, device
-        self.generators = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+        self.sources = [image_noise(seed, i, shape, device) for i in indices]
 
     def __call__(self) -> torch.Tensor:
-        return torch.stack(
-            [torch.randn(self.shape, generator=g, device=self.device) for g in self.generators]
-        )
+        return torch.stack([draw() for draw in self.sources])
 
 
 @dataclass
@@ -145,6 +150,16 @@ class SamplingModel:
             sha256=digests,
             switch_t=switch_t,
         )
+
+    @cached_property
+    def forwards(self) -> list:
+        """`forward(x, t, y)` of each network at this model's precision (what the batching engine calls)."""
+        dtype, channels_last = PRECISIONS[self.precision], self.device.type == "cuda"
+        return [network_forward(n, dtype, channels_last) for n in self.networks]
+
+    def network_for(self, t: int) -> int:
+        """Which network samples timestep t: the high-noise one (index 1) from `switch_t` up."""
+        return 1 if self.switch_t is not None and t >= self.switch_t else 0
 
     def denoiser(self, labels: torch.Tensor | None, guidance: float) -> Denoise:
         channels_last = self.device.type == "cuda"

@@ -213,12 +213,21 @@ class JobStore:
 
     def progress(self, job_id: str, step: int, total: int, step_seconds: float) -> bool:
         """Record one sampling step; returns True if the job should stop (cancel requested)."""
+        return job_id in self.progress_many([(job_id, step, total, step_seconds)])
+
+    def progress_many(self, updates: list[tuple[str, int, int, float]]) -> set[str]:
+        """`progress` for several jobs (job id, step, total, seconds since its last step) in one round
+        trip; returns the ids of those whose cancel was requested."""
+        if not updates:
+            return set()
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self.job_key(job_id), mapping={"step": step, "total": total})
-            self._observe(pipe, "step_seconds", STEP_BUCKETS, step_seconds)
-            pipe.hget(self.job_key(job_id), "cancel_requested")
-            flag = pipe.execute()[-1]
-        return flag == b"1"
+            for job_id, step, total, seconds in updates:
+                pipe.hset(self.job_key(job_id), mapping={"step": step, "total": total})
+                self._observe(pipe, "step_seconds", STEP_BUCKETS, seconds)
+                pipe.hget(self.job_key(job_id), "cancel_requested")
+            replies = pipe.execute()
+        per_job = len(replies) // len(updates)
+        return {job_id for k, (job_id, *_rest) in enumerate(updates) if replies[(k + 1) * per_job - 1] == b"1"}
 
     def finish(self, job_id: str, num_results: int, model_sha256: list[str]) -> bool:
         now = time.time()

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from patchdiff_core.diffusion.names import SAMPLER_NAMES, SamplerName
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Rows per forward pass when PATCHDIFF_ENGINE_MAX_BATCH is 0 (see benchmarks/batching.py --batch-curve).
+ENGINE_AUTO_MAX_BATCH = {"cpu": 8, "cuda": 128}
 
 
 class Settings(BaseSettings):
@@ -52,7 +54,12 @@ class Settings(BaseSettings):
 
     # Worker
     worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: default_model
-    worker_batch_size: int = Field(default=16, ge=1)
+    # The batching engine: network rows per forward pass and model (a guided image takes two), and
+    # how many jobs a worker holds at once. 0 = by device: ENGINE_AUTO_MAX_BATCH (measured with
+    # benchmarks/batching.py --batch-curve: on a CPU the cost per image stops falling at small batches).
+    engine_max_batch: int = Field(default=0, ge=0)
+    engine_max_batch_per_model: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)  # JSON
+    engine_max_jobs: int = Field(default=0, ge=0)  # 0 = as many as rows (each job holds at least one)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=10.0, gt=0)  # a worker silent this long is dead
     max_attempts: int = Field(default=2, ge=1)  # a job whose worker died is requeued until this
@@ -64,6 +71,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    def engine_rows(self, model: str, device_type: str) -> int:
+        """Network rows per forward pass for `model` on a device of `device_type` ("cpu" or "cuda")."""
+        return self.engine_max_batch_per_model.get(model) or self.engine_max_batch or ENGINE_AUTO_MAX_BATCH[device_type]
 
     @property
     def served_models(self) -> list[str]:
