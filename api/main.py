@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from patchdiff_core import __version__
 from patchdiff_core.generation.registry import all_models
+from patchdiff_core.generation.spec import SpecError
 from patchdiff_core.service.jobs import IdempotencyConflict, JobStore
 from patchdiff_core.service.settings import Settings, get_settings
 from patchdiff_core.service.store import make_store, result_key
@@ -20,7 +21,7 @@ from patchdiff_core.service.store import make_store, result_key
 from .deps import BaseUrl, JobId, Jobs, SettingsDep, Store, require_api_key
 from .metrics import JobMetrics
 from .schemas import GenerateRequest, Health, JobView, ModelView
-from .service import RequestError, build_spec, job_view, model_views, request_fingerprint
+from .service import build_spec, job_view, model_views, request_fingerprint
 
 log = logging.getLogger("patchdiff.api")
 
@@ -70,10 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(status_code=503, content={"detail": f"queue unavailable (Redis): {exc}"},
                             headers={"Retry-After": "2"})
 
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+    @app.exception_handler(SpecError)
+    async def request_error(request: Request, exc: SpecError) -> JSONResponse:
         # Same shape as FastAPI's own validation errors, so clients handle one format.
-        return JSONResponse(status_code=422, content={"detail": [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]})
+        return JSONResponse(status_code=422, content={"detail": [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]})
 
     auth = [Depends(require_api_key)]
 

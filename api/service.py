@@ -15,33 +15,25 @@ from patchdiff_core.service.settings import Settings
 from .schemas import GenerateRequest, JobView, Links, ModelView, Progress, Timings
 
 
-class RequestError(Exception):
-    """A request that is well-formed but not acceptable; `field` is the body field to blame."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field, self.message = field, message
-
-
 def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]) -> GenerationSpec:
     """Check a request against the limits in settings and the model it names; fill in defaults."""
     name = req.model or settings.default_model
     if name not in served:
         available = ", ".join(sorted(served)) or "none (no live worker)"
-        raise RequestError("model", f"model {name!r} is not served by any live worker; available: {available}")
+        raise SpecError("model", f"model {name!r} is not served by any live worker; available: {available}")
     info = served[name]
     config = ModelConfig.model_validate(info["config"])
     defaults = SamplingDefaults.model_validate(info.get("defaults") or {})
     if req.num_images > settings.max_images_per_job:
-        raise RequestError("num_images", f"at most {settings.max_images_per_job} images per job")
+        raise SpecError("num_images", f"at most {settings.max_images_per_job} images per job")
     sampler = req.sampler or defaults.sampler
     if sampler not in settings.allowed_samplers:
-        raise RequestError("sampler", f"sampler {sampler!r} is not allowed here; allowed: {settings.allowed_samplers}")
+        raise SpecError("sampler", f"sampler {sampler!r} is not allowed here; allowed: {settings.allowed_samplers}")
     guidance = defaults.guidance if req.guidance is None else req.guidance
     if config.num_classes <= 1 and req.guidance is None:
         guidance = 1.0
     if not settings.min_guidance <= guidance <= settings.max_guidance:
-        raise RequestError("guidance", f"guidance must be between {settings.min_guidance} and {settings.max_guidance}")
+        raise SpecError("guidance", f"guidance must be between {settings.min_guidance} and {settings.max_guidance}")
     labels = req.class_labels
     label_field = "class_labels"
     if req.class_label is not None:
@@ -61,8 +53,9 @@ def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]
         )
         check_spec(spec, config.num_classes, settings.max_timesteps)
     except SpecError as exc:
-        field = label_field if exc.field == "class_labels" else exc.field
-        raise RequestError(field, str(exc)) from None
+        if exc.field == "class_labels":
+            exc.field = label_field  # the field the client used
+        raise
     return spec
 
 

@@ -151,11 +151,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from patchdiff_core.generation.pipeline import resolve_device
     from patchdiff_core.generation.registry import get_model
     from patchdiff_core.model.config import ModelConfig
+    from patchdiff_core.model.device import resolve_device
+    from patchdiff_core.training.config import TrainConfig
     from patchdiff_core.training.data import load_dataset
-    from patchdiff_core.training.train import TrainConfig, Trainer
+    from patchdiff_core.training.train import Trainer
 
     if (args.model is None) == (args.config is None):
         raise PatchdiffError("give exactly one of --model NAME or --config CONFIG.json")
@@ -262,6 +263,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 _FLAG = {"class_labels": "class-label", "timesteps": "timesteps", "guidance": "guidance"}
 
 
+def _train_default(name: str):
+    """`patchdiff train`'s defaults are TrainConfig's: written once."""
+    from patchdiff_core.training.config import TrainConfig
+
+    return TrainConfig.model_fields[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="patchdiff", description="Patch Diffusion: sample, convert, train and serve.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -301,17 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="train a registry model's architecture")
     p.add_argument("--config", help="architecture as a config.json (original argument names)")
     p.add_argument("--run-dir", required=True, type=Path, help="checkpoints and loss log; resumed if present")
-    p.add_argument("--steps", type=_positive, default=10_000)
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=500)
-    p.add_argument("--ema-rate", type=float, default=0.999)
-    p.add_argument("--ema-every", type=_positive, default=1)
-    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--steps", type=_positive, default=_train_default("steps"))
+    p.add_argument("--batch-size", type=_positive, default=_train_default("batch_size"))
+    p.add_argument("--lr", type=float, default=_train_default("lr"))
+    p.add_argument("--warmup-steps", type=int, default=_train_default("warmup_steps"))
+    p.add_argument("--ema-rate", type=float, default=_train_default("ema_rate"))
+    p.add_argument("--ema-every", type=_positive, default=_train_default("ema_every"))
+    p.add_argument("--label-dropout", type=float, default=_train_default("label_dropout"))
     p.add_argument("--min-snr", type=float, help="train only timesteps with SNR >= this (low-noise network)")
     p.add_argument("--max-snr", type=float, help="train only timesteps with SNR < this (high-noise network)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--seed", type=int, default=_train_default("seed"))
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=_train_default("precision"))
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=_positive, help="CPU threads for torch")
     p.add_argument("--save-every", type=_positive, default=1000)

@@ -39,9 +39,15 @@ def test_sample_grid_folder_npz(capsys, tmp_path, tiny_model_file):
     data = np.load(tmp_path / "s.npz")
     assert data["arr_0"].shape == (3, 16, 16, 3) and data["arr_0"].dtype == np.uint8
     assert data["arr_1"].tolist() == [4, 4, 4]
-    # Same seed, same pixels as the folder run (labels random from the seed there).
-    first = np.asarray(Image.open(tmp_path / "imgs" / "00000.png"))
-    assert first.shape == (16, 16, 3)
+    # The three outputs of one request are the same pixels: the grid's cells, the folder's files and
+    # the npz of the same request (here with the labels the folder run drew from the seed).
+    folder = np.stack([np.asarray(Image.open(tmp_path / "imgs" / f"0000{i}.png")) for i in range(3)])
+    assert folder.shape == (3, 16, 16, 3)
+    for i, (top, left) in enumerate([(2, 2), (2, 20), (20, 2)]):
+        assert np.array_equal(grid[top : top + 16, left : left + 16], folder[i])
+    assert run(capsys, *common, "--action", "npz", "--out", str(tmp_path / "r.npz"))[0] == 0
+    assert np.array_equal(np.load(tmp_path / "r.npz")["arr_0"], folder)
+    assert not np.array_equal(data["arr_0"], folder)  # other labels, other pictures
 
 
 def test_same_seed_same_bytes(capsys, tmp_path, tiny_model_file):

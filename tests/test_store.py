@@ -29,8 +29,9 @@ def test_local_store(tmp_path):
 
 
 def test_s3_store_against_moto(monkeypatch):
-    moto = pytest.importorskip("moto")
     import boto3
+    import moto  # a test dependency (pyproject's `test` extra): missing it is a failure, not a skip
+    from botocore.exceptions import ClientError
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
@@ -46,5 +47,5 @@ def test_s3_store_against_moto(monkeypatch):
         assert store.get(key) == b"\x89PNG..."
         head = client.head_object(Bucket="results", Key=f"jobs/{key}")
         assert head["ContentType"] == "image/png"
-        with pytest.raises(Exception):
+        with pytest.raises(ClientError, match="404|Not Found|NoSuchBucket"):
             S3Store("missing-bucket", client=client).check()

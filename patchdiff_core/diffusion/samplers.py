@@ -93,9 +93,9 @@ def make_denoiser(
         steps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         if not guided or guided_labels is None:
             return forward(x, steps, labels)
-        mean, var = forward(torch.cat([x, x]), torch.cat([steps, steps]), guided_labels)
-        cond, uncond = mean.chunk(2)
-        return guided_x0(cond, uncond, guidance), var[: x.shape[0]]
+        x0, v = forward(torch.cat([x, x]), torch.cat([steps, steps]), guided_labels)
+        cond, uncond = x0.chunk(2)
+        return guided_x0(cond, uncond, guidance), v[: x.shape[0]]
 
     return denoise
 
@@ -114,8 +114,8 @@ def network_forward(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast():
-            mean, var = model(x, t, y)
-        return mean.float(), var.float()
+            x0, v = model(x, t, y)
+        return x0.float(), v.float()
 
     return forward
 

@@ -284,14 +284,14 @@ class BatchEngine:
                 g = torch.tensor(guided, device=model.device)
                 x, t = torch.cat([x, x[g]]), torch.cat([t, t[g]])
                 y = torch.cat([y, torch.full((len(guided),), model.networks[net_index].null_label, device=model.device)])
-            mean, var = forward(x, t, y)
-            cond = mean[: len(group)].clone()
+            pred_x0, pred_v = forward(x, t, y)
+            cond = pred_x0[: len(group)].clone()
             if guided:
                 g = torch.tensor(guided, device=model.device)
                 weights = torch.tensor([group[j].request.spec.guidance for j in guided], device=model.device)
-                cond[g] = guided_x0(cond[g], mean[len(group):], weights)
+                cond[g] = guided_x0(cond[g], pred_x0[len(group):], weights)
             index = torch.tensor(rows, device=model.device)
-            x0[index], v[index] = cond, var[: len(group)]
+            x0[index], v[index] = cond, pred_v[: len(group)]
         return x0, v
 
     def _advance_one_by_one(self, model: SamplingModel, images: list[ImageInFlight], report: StepReport) -> None:

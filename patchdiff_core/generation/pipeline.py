@@ -23,27 +23,8 @@ from patchdiff_core.generation.registry import ModelEntry, SamplingDefaults, get
 from patchdiff_core.generation.spec import GenerationSpec, check_spec, image_seed, resolve_labels
 from patchdiff_core.model.checkpoint import file_sha256, load_model, read_metadata
 from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.device import PRECISIONS, resolve_device, resolve_precision
 from patchdiff_core.model.unet import PatchedUNet
-
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PatchdiffError("--device cuda: no CUDA device is available")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise PatchdiffError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
-    if precision == "fp16" and device.type != "cuda":
-        raise PatchdiffError("fp16 needs CUDA; use fp32 or bf16 on the CPU")
-    return precision
 
 
 def image_noise(seed: int, index: int, shape: tuple[int, ...], device: torch.device) -> Callable[[], torch.Tensor]:

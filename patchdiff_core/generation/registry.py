@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from patchdiff_core.diffusion.names import SamplerName
 from patchdiff_core.model.config import ModelConfig
 
-# Split #0 of the ImageNet pair was trained on SNR >= 0.25, split #1 below it; the original switches
-# networks at the timestep whose SNR is nearest 0.25 (t = 396 for the linear schedule).
+# The ImageNet pair: a low-noise network (trained on SNR >= 0.25) and a high-noise one (SNR < 0.25); the
+# original switches networks at the timestep whose SNR is nearest 0.25 (t = 396 for the linear
+# schedule). Which released file is which is not settled: see the README ("The authors' checkpoints").
 IMAGENET_SPLIT_SNR = 0.25
 
 
@@ -39,8 +39,7 @@ class ModelEntry(BaseModel):
     classes: list[str] | None = None
     defaults: SamplingDefaults = SamplingDefaults()
     sha256: list[str] | None = None
-    training_command: str | None = None
-    source: Literal["released", "manifest"] = "released"
+    # Other manifest keys (e.g. `training_command`, the provenance of a trained model) are for people.
 
     def paths(self, weights_dir: Path) -> list[Path]:
         return [weights_dir / f for f in self.files]
@@ -91,7 +90,7 @@ def load_manifest(weights_dir: Path) -> list[ModelEntry]:
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
-    return [ModelEntry.model_validate({**m, "source": "manifest"}) for m in data.get("models", [])]
+    return [ModelEntry.model_validate(m) for m in data.get("models", [])]
 
 
 def all_models(weights_dir: Path) -> dict[str, ModelEntry]:

@@ -1,7 +1,7 @@
 """What to generate: the one request shape shared by `patchdiff sample`, the API and the worker.
 
 Torch-free. Image i of a request seeded s depends only on (s, i) and the settings, never on how
-the request was batched: see `seeds.py`.
+the request was batched (`image_seed`, `random_labels`).
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ from patchdiff_core.model.layers import (
 
 
 class PatchedUNet(nn.Module):
-    """forward(x [B,3,R,R] in [-1,1], t [B] int64 in 0..999, y [B] int64 or None) -> (mean, var).
+    """forward(x [B,3,R,R] in [-1,1], t [B] int64 in 0..999, y [B] int64 or None) -> (x0, v).
 
-    `mean` is the x0 prediction and `var` ∈ (0, 1) interpolates the log-variance between β and
-    b̃; both [B,3,R,R] float32. For class-conditional models `y = num_classes` means "no label"
+    `x0` is the prediction of the clean image (the original calls it the mean output) and `v` ∈ (0, 1)
+    interpolates the log-variance between β and b̃ (its "var" output); both [B,3,R,R] float32. For class-conditional models `y = num_classes` means "no label"
     (and `y=None` means that for the whole batch).
 
     Submodules are created in the order the original Keras model created its layers: the order of
@@ -70,7 +70,6 @@ class PatchedUNet(nn.Module):
                 width = cfg.width(level + 1)
                 skip_widths.append(width)
 
-        res = cfg.level_res(levels - 1)
         self.middle = nn.ModuleList(
             [
                 EmbedSequential(ResBlock(width, width, temb_dim, class_dim)),
@@ -124,10 +123,10 @@ class PatchedUNet(nn.Module):
         for layer in self.decoder:
             h = layer(torch.cat([h, skips.pop()], dim=1), cond, cemb)
 
-        mean = self.mean_head(h)
+        x0 = self.mean_head(h)  # head names kept: they are the checkpoints' tensor names
         # The variance head sees the stem output and the final features but must not train them:
         # its loss reaches only the head and the time embedding, as in the original.
         features = torch.cat([stem_out, h], dim=1).detach()
-        var = self.var_head(features + self.var_emb(F.silu(temb))[:, :, None, None])
+        v = self.var_head(features + self.var_emb(F.silu(temb))[:, :, None, None])
         p = cfg.patch_size
-        return unpatchify(mean, p).float(), unpatchify(var, p).float()
+        return unpatchify(x0, p).float(), unpatchify(v, p).float()

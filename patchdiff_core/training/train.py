@@ -13,41 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from patchdiff_core.diffusion.losses import hybrid_loss
 from patchdiff_core.diffusion.schedule import Schedule
 from patchdiff_core.generation.registry import SamplingDefaults
 from patchdiff_core.model.checkpoint import save_model
-from patchdiff_core.model.config import ModelConfig
+from patchdiff_core.model.device import PRECISIONS, resolve_precision
 from patchdiff_core.model.unet import PatchedUNet
+from patchdiff_core.training.config import TrainConfig
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
 LOSS_LOG = "loss_log.jsonl"
-
-
-class TrainConfig(BaseModel):
-    """Everything that defines a run; stored in the run directory and checked on resume."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: ModelConfig
-    data: str = "digits"
-    class_folders: bool = False
-    batch_size: int = Field(default=64, ge=1)
-    steps: int = Field(default=10_000, ge=1)
-    lr: float = Field(default=2e-4, gt=0)
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = Field(default=500, ge=0)
-    ema_rate: float = Field(default=0.999, ge=0, lt=1)
-    ema_every: int = Field(default=1, ge=1)
-    label_dropout: float = Field(default=0.1, ge=0, le=1)
-    min_snr: float | None = Field(default=None, gt=0)
-    max_snr: float | None = Field(default=None, gt=0)
-    seed: int = 0
-    precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 on CUDA, fp32 on CPU
 
 
 def timestep_range(schedule: Schedule, min_snr: float | None, max_snr: float | None) -> tuple[int, int]:
@@ -92,10 +70,8 @@ class Trainer:
         self.schedule = Schedule.linear(config.model.beta_max)
         self.t_range = timestep_range(self.schedule, config.min_snr, config.max_snr)
         self.step = 0
-        precision = config.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+        # bf16 for training on CUDA: fp16's range needs loss scaling, bf16's does not.
+        self.autocast_dtype = PRECISIONS[resolve_precision(config.precision, self.device, cuda_default="bf16")]
 
     # -- one optimisation step ------------------------------------------------------------
     def batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -117,10 +93,10 @@ class Trainer:
         xt = alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps
         if self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                mean, var = self.model(xt, t, y)
+                pred_x0, v = self.model(xt, t, y)
         else:
-            mean, var = self.model(xt, t, y)
-        return hybrid_loss(x0, mean, var, t, self.schedule)
+            pred_x0, v = self.model(xt, t, y)
+        return hybrid_loss(x0, pred_x0, v, t, self.schedule)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.config
