@@ -62,10 +62,10 @@ def cli_images(env, tmp, request: dict) -> np.ndarray:
 
 
 MIXED = [
-    {"num_images": 3, "timesteps": "9", "sampler": "ancestral", "guidance": 1.0, "seed": 1, "class_labels": [0, 1, 2]},
-    {"num_images": 2, "timesteps": "6", "sampler": "ddim", "guidance": 3.0, "seed": 2, "class_labels": [7, 7]},
-    {"num_images": 4, "timesteps": "12", "sampler": "ancestral", "guidance": 1.5, "seed": 3, "class_labels": [4, 5, 6, 9]},
-    {"num_images": 1, "timesteps": "ddim10", "sampler": "ddim", "guidance": 1.0, "seed": 4, "class_labels": [8]},
+    {"num_images": 3, "timesteps": "39", "sampler": "ancestral", "guidance": 1.0, "seed": 1, "class_labels": [0, 1, 2]},
+    {"num_images": 2, "timesteps": "36", "sampler": "ddim", "guidance": 3.0, "seed": 2, "class_labels": [7, 7]},
+    {"num_images": 4, "timesteps": "42", "sampler": "ancestral", "guidance": 1.5, "seed": 3, "class_labels": [4, 5, 6, 9]},
+    {"num_images": 1, "timesteps": "ddim40", "sampler": "ddim", "guidance": 1.0, "seed": 4, "class_labels": [8]},
 ]
 
 
