@@ -59,7 +59,7 @@ def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]
             guidance=guidance,
             seed=seed,
         )
-        check_spec(spec, config.num_classes, settings.max_timesteps)
+        check_spec(spec, config.num_classes, settings.max_timesteps, beta_max=config.beta_max)
     except SpecError as exc:
         field = label_field if exc.field == "class_labels" else exc.field
         raise RequestError(field, str(exc)) from None
