@@ -20,7 +20,7 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(default=1, ge=1)
     class_label: int | None = Field(default=None, description="one label for every image; null = random labels from the seed")
     class_labels: list[int] | None = Field(default=None, max_length=10_000, description="one label per image")
-    timesteps: str | None = Field(default=None, description="respacing: 'N', 'ddimN' or 'N1,N2,...'", max_length=100)
+    timesteps: str | None = Field(default=None, description="respacing: 'N', 'ddimN', 'logsnrN', 'karrasN' or 'N1,N2,...'", max_length=100)
     sampler: SamplerName | None = None
     guidance: float | None = Field(default=None, description="classifier-free guidance weight; 1.0 = none")
     seed: int | None = Field(default=None, ge=0, lt=2**63)

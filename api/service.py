@@ -51,7 +51,7 @@ def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]
             guidance=guidance,
             seed=seed,
         )
-        check_spec(spec, config.num_classes, settings.max_timesteps)
+        check_spec(spec, config.num_classes, settings.max_timesteps, beta_max=config.beta_max)
     except SpecError as exc:
         if exc.field == "class_labels":
             exc.field = label_field  # the field the client used

@@ -22,9 +22,24 @@ starts from the same noise and a rerun gives the same images), and reports:
   together with the accuracy. The real digits are taken through the same 8 -> 32 -> 8 round trip as
   the model's training images (the round trip alone blurs them to about 0.8 of the raw digits'
   distances; see `build_reference`).
+- Fréchet distance (FD), at the model's full 32x32 resolution: FID's formula in the feature space of
+  a small classifier trained on real digits (`FeatureNet`: scikit-learn's MLPClassifier, 1024 grey
+  pixels -> 256 -> 64 ReLU units -> 10 classes, trained in seconds on a stratified half of the real
+  32x32 training images; the features are its last hidden layer). Generated images (channel mean)
+  are compared with the other, held-out half. `FD / ref` is FD relative to the reference of the same
+  guidance in the same run (same seeds): the ancestral setting with the most steps (ancestral-250).
+- precision / recall (Kynkäänniemi et al. 2019, k = 3) in the same feature space: the share of
+  generated images inside the real manifold (fidelity) and of real images inside the generated one
+  (coverage).
+- NFE: network evaluations per image, S for S taken steps without guidance, 2 (S - 1) + 1 with
+  guidance (the last step is the plain conditional pass).
 - time: the wall time of `generate` for the setting's 10 x per-class images.
 
-The "real digits" row applies the same measurements to the held-out real digits (after the round trip).
+The "real digits" row applies the same measurements to held-out real digits: accuracy and diversity
+on the SVC's held-out quarter (after the round trip), FD / precision / recall between the two
+stratified halves of the FD reference half (the real-vs-real floor; each half is about 450 images, so
+this floor carries more small-sample bias than a 500-vs-900 comparison of generated images does).
+`--plot docs/digits_quality.png` draws FD against NFE.
 """
 
 from __future__ import annotations
@@ -44,10 +59,14 @@ NUM_CLASSES = 10
 DIGIT_RES = 8
 DIGIT_MAX = 16.0  # sklearn's digits are counts 0..16 of set pixels in 4x4 blocks
 DEFAULT_SETTINGS = ",".join(
-    f"{sampler}:{steps}:{guidance}"
-    for sampler, steps in [("ancestral", "250"), ("ancestral", "50"), ("ddim", "50"), ("ddim", "20")]
-    for guidance in ("1.0", "1.5")
+    [f"ancestral:{n}:1.0" for n in (250, 50, 20, 10)]
+    + [f"ddim:{n}:1.0" for n in (20, 10, 5)]
+    + [f"dpmpp_2m:{spacing}{n}:1.0" for spacing in ("logsnr", "karras", "") for n in (20, 10, 5)]
+    + [f"dpmpp_2m_sde:karras{n}:1.0" for n in (20, 10)]
+    + ["ancestral:250:1.5", "ancestral:10:1.5", "ddim:10:1.5", "ddim:5:1.5"]
+    + [f"dpmpp_2m:karras{n}:1.5" for n in (10, 5)]
 )
+FEATURE_SEED = 0
 
 
 # --- pure functions (no model needed; tested in tests/test_digits_quality.py) ---------------------
@@ -75,6 +94,40 @@ def real_digits_uint8(res: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return pixels.clip(0, 255).astype(np.uint8), y.numpy()
 
 
+def to_feature_input(images: np.ndarray) -> np.ndarray:
+    """[N,R,R,3] or [N,R,R] uint8 -> [N,R*R] grey in 0..1 at full resolution (the FD network's input)."""
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim == 4:
+        x = x.mean(axis=-1)
+    return x.reshape(len(x), -1) / 255.0
+
+
+class FeatureNet:
+    """A small MLP classifier of real 32x32 digits whose last hidden layer is the FD feature space."""
+
+    HIDDEN = (256, 64)
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int = FEATURE_SEED):
+        from sklearn.neural_network import MLPClassifier
+
+        self.net = MLPClassifier(hidden_layer_sizes=self.HIDDEN, max_iter=400, random_state=seed)
+        self.net.fit(to_feature_input(images), labels)
+        # Units that never fire on real digits add zero-variance dimensions (a singular covariance).
+        self.active = self._hidden(images).max(axis=0) > 0
+
+    def _hidden(self, images: np.ndarray) -> np.ndarray:
+        h = to_feature_input(images)
+        for w, b in zip(self.net.coefs_[:-1], self.net.intercepts_[:-1]):
+            h = np.maximum(h @ w + b, 0.0)  # the hidden layers (ReLU), without the output layer
+        return h
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self._hidden(images)[:, self.active]
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return float((self.net.predict(to_feature_input(images)) == labels).mean())
+
+
 @dataclass
 class Reference:
     """The classifier and the real-data statistics the generated images are compared with."""
@@ -86,6 +139,11 @@ class Reference:
     test_index: np.ndarray  # indices of the held-out split
     held_out_accuracy: float
     mean_distance: dict[int, float]  # per class: mean pairwise L2 distance of `round_trip`
+    feature_net: FeatureNet | None = None  # trained on the real 32x32 images of `fd_train_index`
+    fd_train_index: np.ndarray | None = None
+    fd_reference: np.ndarray | None = None  # features of the held-out half (indices `fd_reference_index`)
+    fd_reference_index: np.ndarray | None = None
+    feature_net_accuracy: float = float("nan")  # on the held-out half
 
     def predict(self, x8: np.ndarray) -> np.ndarray:
         return self.classifier.predict(x8)
@@ -118,7 +176,7 @@ def accuracy(predicted: np.ndarray, labels: np.ndarray) -> tuple[float, dict[int
     return float(hits.mean()), {int(c): float(hits[labels == c].mean()) for c in np.unique(labels)}
 
 
-def build_reference(seed: int = 0) -> Reference:
+def build_reference(seed: int = 0, features: bool = True) -> Reference:
     """Fit the SVC on a stratified 75% of the real 8x8 digits; held-out accuracy on the rest.
 
     The diversity reference is the real digits after the 32 px round trip, not the raw 8x8 ones: the
@@ -139,7 +197,15 @@ def build_reference(seed: int = 0) -> Reference:
     assert np.array_equal(image_labels, labels)
     round_trip = to_digit_scale(images)
     distances = {c: mean_pairwise_distance(round_trip[labels == c]) for c in range(NUM_CLASSES)}
-    return Reference(classifier, data, round_trip, labels, np.sort(test), held_out, distances)
+    ref = Reference(classifier, data, round_trip, labels, np.sort(test), held_out, distances)
+    if features:
+        fd_train, fd_ref = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels, random_state=seed)
+        fd_train, fd_ref = np.sort(fd_train), np.sort(fd_ref)
+        ref.feature_net = FeatureNet(images[fd_train], labels[fd_train])
+        ref.fd_train_index, ref.fd_reference_index = fd_train, fd_ref
+        ref.fd_reference = ref.feature_net.features(images[fd_ref])
+        ref.feature_net_accuracy = ref.feature_net.accuracy(images[fd_ref], labels[fd_ref])
+    return ref
 
 
 # --- settings and measurement --------------------------------------------------------------------
@@ -184,6 +250,16 @@ class Row:
     per_class: dict[int, float]
     diversity: float
     wall_s: float
+    nfe: int = 0
+    fd: float = float("nan")
+    precision: float = float("nan")
+    recall: float = float("nan")
+    fd_ratio: float = float("nan")  # FD / FD of the ancestral setting with the most steps, same guidance
+
+
+def network_evaluations(steps: int, guidance: float) -> int:
+    """Per image: one pass per taken step, two (batched) for every guided step but the plain last one."""
+    return steps if guidance == 1.0 else 2 * (steps - 1) + 1
 
 
 def measure(name: str, x8: np.ndarray, labels: np.ndarray, ref: Reference, **extra) -> Row:
@@ -192,10 +268,17 @@ def measure(name: str, x8: np.ndarray, labels: np.ndarray, ref: Reference, **ext
     return Row(setting=name, accuracy=acc, per_class=per_class, diversity=div, images=len(labels), **extra)
 
 
+def distribution_scores(features: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    metrics = _load_metrics()
+    precision, recall = metrics.precision_recall(reference, features)
+    return {"fd": metrics.frechet_distance(features, reference), "precision": precision, "recall": recall}
+
+
 def real_row(ref: Reference) -> Row:
-    """The held-out real digits after the 8 -> 32 (as in training) -> 8 round trip."""
+    """Accuracy / diversity: the SVC's held-out digits after the 8 -> 32 (as in training) -> 8 round
+    trip. FD / precision / recall: one stratified half of the FD reference against the other."""
     test = ref.test_index
-    return measure(
+    row = measure(
         "real digits (held-out, 32 px round trip)",
         ref.round_trip[test],
         ref.labels[test],
@@ -206,6 +289,39 @@ def real_row(ref: Reference) -> Row:
         steps=0,
         wall_s=0.0,
     )
+    if ref.fd_reference is not None:
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(len(ref.fd_reference))
+        a, b = train_test_split(idx, test_size=0.5, stratify=ref.labels[ref.fd_reference_index], random_state=0)
+        for key, value in distribution_scores(ref.fd_reference[a], ref.fd_reference[b]).items():
+            setattr(row, key, value)
+    return row
+
+
+def _load_metrics():
+    """`distribution_metrics.py` from this directory (benchmarks/ is not a package)."""
+    import importlib.util
+
+    name = "patchdiff_benchmarks_distribution_metrics"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("distribution_metrics.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """FD relative to the reference of the same guidance in the same run (same seeds): the ancestral
+    setting with the most steps (ancestral-250 in the default table)."""
+    base: dict[float, Row] = {}
+    for r in rows:
+        if r.sampler == "ancestral" and r.steps > getattr(base.get(r.guidance), "steps", 0):
+            base[r.guidance] = r
+    for r in rows:
+        if r.guidance in base and r.steps:
+            r.fd_ratio = r.fd / base[r.guidance].fd
 
 
 def run_setting(model, setting: Setting, per_class: int, seed: int, batch_size: int, ref: Reference) -> Row:
@@ -225,6 +341,9 @@ def run_setting(model, setting: Setting, per_class: int, seed: int, batch_size: 
     start = time.perf_counter()
     out = generate(model, spec, batch_size=batch_size)
     wall = time.perf_counter() - start
+    extra = {}
+    if ref.feature_net is not None:
+        extra = distribution_scores(ref.feature_net.features(out.images), ref.fd_reference)
     return measure(
         setting.label,
         to_digit_scale(out.images),
@@ -234,7 +353,9 @@ def run_setting(model, setting: Setting, per_class: int, seed: int, batch_size: 
         timesteps=setting.timesteps,
         guidance=setting.guidance,
         steps=len(out.timesteps),
+        nfe=network_evaluations(len(out.timesteps), setting.guidance),
         wall_s=wall,
+        **extra,
     )
 
 
@@ -243,14 +364,56 @@ def run_setting(model, setting: Setting, per_class: int, seed: int, batch_size: 
 
 def render_markdown(info: dict[str, str], rows: list[Row]) -> str:
     lines = [f"- {k}: {v}" for k, v in info.items()]
-    header = ["setting", "steps", "acc"] + [str(c) for c in range(NUM_CLASSES)] + ["diversity", "time (s)"]
+    header = ["setting", "NFE", "FD", "FD / ref", "precision", "recall", "acc", "lowest class", "diversity", "time (s)"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
     for r in rows:
-        cells = [r.setting, str(r.steps) if r.steps else "-", f"{r.accuracy:.3f}"]
-        cells += [f"{r.per_class.get(c, float('nan')):.2f}" for c in range(NUM_CLASSES)]
-        cells += [f"{r.diversity:.2f}", f"{r.wall_s:.1f}" if r.steps else "-"]
+        cells = [
+            r.setting,
+            str(r.nfe) if r.steps else "-",
+            f"{r.fd:.2f}",
+            f"{r.fd_ratio:.2f}" if r.fd_ratio == r.fd_ratio else "-",
+            f"{r.precision:.3f}",
+            f"{r.recall:.3f}",
+            f"{r.accuracy:.3f}",
+            f"{min(r.per_class.values()):.2f}",
+            f"{r.diversity:.2f}",
+            f"{r.wall_s:.1f}" if r.steps else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(rows: list[Row], floor: float, path: Path) -> None:
+    """FD against network evaluations, one line per sampler + spacing + guidance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def spacing(t: str) -> str:
+        return "".join(ch for ch in t if not ch.isdigit()) or "uniform"
+
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.steps:
+            groups.setdefault((r.sampler, spacing(r.timesteps), r.guidance), []).append(r)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for (sampler, sp, guidance), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r.nfe)
+        ax.plot(
+            [r.nfe for r in rs], [r.fd for r in rs], marker="o", linestyle="-" if guidance == 1.0 else "--",
+            label=f"{sampler} ({sp}), w={guidance}",
+        )
+    ax.axhline(floor, color="grey", linewidth=0.8, linestyle=":", label="real vs real (floor)")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per image")
+    ax.set_ylabel("Fréchet distance (MLP features, 32×32)")
+    ax.set_title("digits demo: quality against sampling cost (same seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -265,6 +428,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's)")
+    p.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 (default: fp32, so CPU and GPU compare)")
+    p.add_argument("--plot", type=Path, help="write FD against network evaluations as a PNG here")
     p.add_argument("--json", action="store_true", help="one JSON object instead of Markdown")
     return p
 
@@ -287,9 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.weights:
-            model = SamplingModel.load(weights=args.weights, device=args.device)
+            model = SamplingModel.load(weights=args.weights, device=args.device, precision=args.precision)
         else:
-            model = SamplingModel.load(name=args.model, weights_dir=args.weights_dir, device=args.device)
+            model = SamplingModel.load(
+                name=args.model, weights_dir=args.weights_dir, device=args.device, precision=args.precision
+            )
     except PatchdiffError as exc:
         raise SystemExit(str(exc)) from None
     if model.config.num_classes != NUM_CLASSES or model.config.res % DIGIT_RES:
@@ -297,10 +464,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = build_reference()
     rows = [real_row(ref)]
+    print(f"real vs real: FD {rows[0].fd:.2f}, P {rows[0].precision:.3f}, R {rows[0].recall:.3f}", file=sys.stderr)
     for setting in settings:
         print(f"{setting.label} ...", file=sys.stderr, flush=True)
         rows.append(run_setting(model, setting, args.per_class, args.seed, args.batch_size, ref))
-        print(f"  acc {rows[-1].accuracy:.3f}, diversity {rows[-1].diversity:.2f}, {rows[-1].wall_s:.1f} s", file=sys.stderr)
+        r = rows[-1]
+        print(f"  FD {r.fd:.2f}, P {r.precision:.3f}, R {r.recall:.3f}, acc {r.accuracy:.3f}, diversity "
+              f"{r.diversity:.2f}, {r.wall_s:.1f} s", file=sys.stderr, flush=True)
+    add_ratios(rows)
 
     info = {
         "model": f"{model.name} ({', '.join(s[:12] for s in model.sha256)})",
@@ -308,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         "device": f"{model.device} {model.precision}, torch threads {torch.get_num_threads()}",
         "classifier": f"SVC(gamma=0.001) on real 8x8 digits, held-out accuracy {ref.held_out_accuracy:.4f} "
         f"({len(ref.test_index)} digits)",
+        "FD features": f"MLPClassifier{FeatureNet.HIDDEN} on {len(ref.fd_train_index)} real 32x32 digits, last hidden "
+        f"layer; held-out accuracy {ref.feature_net_accuracy:.4f}; reference: the other {len(ref.fd_reference_index)}",
     }
+    if args.plot:
+        plot(rows, rows[0].fd, args.plot)
     if args.json:
         print(json.dumps({"info": info, "held_out_accuracy": ref.held_out_accuracy, "rows": [asdict(r) for r in rows]}))
     else:

@@ -18,6 +18,7 @@ _LAZY = {
     "split_denoiser": "diffusion.samplers",
     "sample_ancestral": "diffusion.samplers",
     "sample_ddim": "diffusion.samplers",
+    "sample_dpmpp_2m": "diffusion.samplers",
     "space_timesteps": "diffusion.respacing",
 }
 

@@ -128,7 +128,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise PatchdiffError(str(exc).splitlines()[0]) from None
     try:
-        check_spec(spec, model.config.num_classes)
+        check_spec(spec, model.config.num_classes, beta_max=model.config.beta_max)
     except SpecError as exc:
         raise PatchdiffError(f"--{_FLAG.get(exc.field, exc.field)}: {exc}") from None
     out = Path(args.out or {"grid": "samples.png", "folder": "samples", "npz": "samples.npz"}[args.action])
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output path (default samples.png / samples/ / samples.npz)")
     p.add_argument("--action", choices=["grid", "folder", "npz"], default="grid")
     p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--timesteps", help="respacing: 'N', 'ddimN' or 'N1,N2,...' (default: the model's)")
+    p.add_argument("--timesteps", help="respacing: 'N', 'ddimN', 'logsnrN', 'karrasN' or 'N1,N2,...' (default: the model's)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--modified-stride", action="store_true", help="the seed's 90,60,60,20,20 spacing")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (1.0 = none)")

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 from conftest import FIXTURES
 
@@ -43,7 +45,9 @@ def test_modified_stride():
     assert sum(1 for s in steps if s < 200) == 90 and sum(1 for s in steps if s >= 800) == 20
 
 
-@pytest.mark.parametrize("spec", ["0", "1", "1001", "abc", "ddimx", "10,0", "-5"])
+@pytest.mark.parametrize(
+    "spec", ["0", "1", "1001", "abc", "ddimx", "10,0", "-5", "logsnr1", "logsnr1001", "karras0", "karrasx", "logsnr"]
+)
 def test_bad_specs(spec):
     with pytest.raises(ValueError):
         resolve_timesteps(spec)
@@ -57,3 +61,30 @@ def test_every_count_and_section_list_as_the_original():
     assert not wrong, f"{len(wrong)} counts differ from the original, e.g. {wrong[:5]}"
     for sections, steps in ref["sections"].items():
         assert space_timesteps(1000, sections) == steps, sections
+
+
+@pytest.mark.parametrize("kind", ["logsnr", "karras"])
+@pytest.mark.parametrize("beta_max", [0.02, 0.025])
+def test_few_step_spacings_are_distinct_and_span_the_schedule(kind, beta_max):
+    for count in (2, 3, 5, 10, 20, 50, 100, 250, 999, 1000):
+        steps = resolve_timesteps(f"{kind}{count}", beta_max)
+        assert len(steps) == count and steps == sorted(set(steps)), count
+        assert steps[0] == 0 and steps[-1] == 999
+
+
+def test_logsnr_spacing_is_uniform_in_log_snr():
+    from patchdiff_core.diffusion.respacing import log_snr_table
+
+    table = log_snr_table(0.02)
+    steps = resolve_timesteps("logsnr10")
+    gaps = np.diff(table[steps])
+    # Uniform up to rounding to integer timesteps (the table moves by at most ~0.8 per timestep).
+    assert np.all(gaps < 0) and np.ptp(gaps) < 0.2 * abs(gaps.mean())
+    assert steps == [0, 5, 22, 73, 202, 410, 603, 757, 886, 999]
+    # Karras: denser at low noise than uniform steps, sparser than log-SNR there.
+    karras = resolve_timesteps("karras10")
+    assert steps[1] < karras[1] < 111
+    # The spacing follows the model's schedule: ffhq's beta_max gives other steps.
+    assert resolve_timesteps("logsnr10", 0.025) != steps
+    # The ADM forms ignore beta_max.
+    assert resolve_timesteps("50", 0.025) == resolve_timesteps("50")

@@ -17,9 +17,11 @@ def _spec(**kw):
     return GenerationSpec(**{**base, **kw})
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
-def test_image_i_does_not_depend_on_batching(tiny, sampler):
-    spec = _spec(sampler=sampler)
+@pytest.mark.parametrize(
+    "sampler, timesteps", [("ancestral", "12"), ("ddim", "12"), ("dpmpp_2m", "logsnr8"), ("dpmpp_2m_sde", "karras8")]
+)
+def test_image_i_does_not_depend_on_batching(tiny, sampler, timesteps):
+    spec = _spec(sampler=sampler, timesteps=timesteps)
     whole = generate(tiny, spec, batch_size=5)
     for batch_size in (1, 2, 3):
         split = generate(tiny, spec, batch_size=batch_size)

@@ -1,11 +1,22 @@
-"""ADM's timestep respacing, the seed's "modified stride" and the parsing of a `--timesteps` spec.
+"""ADM's timestep respacing, the seed's "modified stride", few-step spacings and the parsing of a
+`--timesteps` spec.
 
 Torch-free: the API validates a request's `timesteps` with the same function the sampler uses.
+
+Spec forms: 'N' (N evenly spread steps), 'ddimN' (integer stride), 'N1,N2,...' (ADM sections), and
+for few-step solvers 'logsnrN' (uniform in log-SNR, DPM-Solver's spacing) and 'karrasN' (Karras et
+al.'s rho = 7 spacing of the noise level sigma = sqrt((1 - alpha) / alpha)). The last two depend on
+the noise schedule, so they take the model's `beta_max` (0.02 for most models, 0.025 for ffhq); every
+spacing runs from t = 0 to t = 999, like the others.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 NUM_TIMESTEPS = 1000
+DEFAULT_BETA_MAX = 0.02
+KARRAS_RHO = 7.0
 # The seed's `--modified_stride` (ADM's LSUN spacing): 250 steps, denser near t = 0.
 MODIFIED_STRIDE = "90,60,60,20,20"
 
@@ -50,12 +61,67 @@ def _parse_count(text: str, spec: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"invalid timestep spec {spec!r}: expected 'N', 'ddimN' or 'N1,N2,...'") from None
+        raise ValueError(
+            f"invalid timestep spec {spec!r}: expected 'N', 'ddimN', 'logsnrN', 'karrasN' or 'N1,N2,...'"
+        ) from None
 
 
-def resolve_timesteps(spec: str | int) -> list[int]:
-    """The taken steps for a user-facing spec (at least 2)."""
-    steps = space_timesteps(NUM_TIMESTEPS, spec)
+def log_snr_table(beta_max: float = DEFAULT_BETA_MAX, num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
+    """log(alpha / (1 - alpha)) of every timestep of the linear schedule (float64; decreasing in t)."""
+    alphas_cumprod = np.cumprod(1.0 - np.linspace(1e-4, beta_max, num_timesteps, dtype=np.float64))
+    return np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)
+
+
+def _nearest_distinct(table: np.ndarray, targets: np.ndarray) -> list[int]:
+    """For each target (ascending in t), the timestep whose `table` value (decreasing in t) is
+    nearest; where two targets fall on one timestep (dense targets near t = 0), later ones move up
+    to the next free timestep, so that exactly len(targets) distinct steps come back."""
+    n = len(table)
+    picks = [int(np.argmin(np.abs(table - v))) for v in targets]
+    for i in range(1, len(picks)):
+        picks[i] = max(picks[i], picks[i - 1] + 1)
+    picks[-1] = min(picks[-1], n - 1)
+    for i in range(len(picks) - 2, -1, -1):  # and back down from the top, if the bumps overran it
+        picks[i] = min(picks[i], picks[i + 1] - 1)
+    return picks
+
+
+def few_step_timesteps(kind: str, count: int, beta_max: float = DEFAULT_BETA_MAX) -> list[int]:
+    """`count` distinct timesteps from 0 to 999, uniform in log-SNR ('logsnr') or Karras ('karras')."""
+    if not 2 <= count <= NUM_TIMESTEPS:
+        raise ValueError(f"{kind}{count}: the count must be between 2 and {NUM_TIMESTEPS}")
+    table = log_snr_table(beta_max)
+    lo, hi = table[-1], table[0]  # log-SNR at t = 999 and at t = 0
+    if kind == "logsnr":
+        targets = np.linspace(hi, lo, count)
+    elif kind == "karras":
+        # sigma = exp(-log_snr / 2); interpolate sigma^(1/rho) from sigma_min (t = 0) to sigma_max.
+        inv = 1.0 / KARRAS_RHO
+        s_min, s_max = np.exp(-hi / 2), np.exp(-lo / 2)
+        sigmas = (s_min**inv + np.linspace(0.0, 1.0, count) * (s_max**inv - s_min**inv)) ** KARRAS_RHO
+        targets = -2.0 * np.log(sigmas)
+        targets[0], targets[-1] = hi, lo  # exact ends, whatever the rounding
+    else:
+        raise ValueError(f"unknown spacing {kind!r}")
+    return _nearest_distinct(table, targets)
+
+
+FEW_STEP_SPACINGS = ("logsnr", "karras")
+
+
+def resolve_timesteps(spec: str | int, beta_max: float = DEFAULT_BETA_MAX) -> list[int]:
+    """The taken steps for a user-facing spec: distinct integers in 0..999, ascending, at least 2.
+
+    `beta_max` (the model's schedule) matters only for the 'logsnrN' and 'karrasN' forms.
+    """
+    text = spec.strip() if isinstance(spec, str) else spec
+    kind = next((k for k in FEW_STEP_SPACINGS if isinstance(text, str) and text.startswith(k)), None)
+    if kind is not None:
+        steps = few_step_timesteps(kind, _parse_count(text[len(kind):], text), beta_max)
+    else:
+        steps = space_timesteps(NUM_TIMESTEPS, spec)
     if len(steps) < 2:
         raise ValueError("sampling needs at least 2 timesteps")
+    if len(set(steps)) != len(steps) or steps != sorted(steps) or steps[0] < 0 or steps[-1] >= NUM_TIMESTEPS:
+        raise ValueError(f"timestep spec {spec!r} gives invalid steps")  # cannot happen: a guard, not a path
     return steps

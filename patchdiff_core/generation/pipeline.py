@@ -181,7 +181,7 @@ def generate(
     The callback's dict has `step`/`total` counted over the whole request, plus the sampler's
     `t`, `x` and `x0` of the current batch and `start` (the index of its first image).
     """
-    timesteps = check_spec(spec, model.config.num_classes)
+    timesteps = check_spec(spec, model.config.num_classes, beta_max=model.config.beta_max)
     labels = resolve_labels(spec, model.config.num_classes)
     res = model.config.res
     starts = list(range(0, spec.num_images, batch_size))

@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from patchdiff_core.diffusion.names import SamplerName
+from patchdiff_core.diffusion.respacing import DEFAULT_BETA_MAX, resolve_timesteps
 
 
 class GenerationSpec(BaseModel):
@@ -68,12 +69,16 @@ class SpecError(ValueError):
         self.field = field
 
 
-def check_spec(spec: GenerationSpec, num_classes: int, max_timesteps: int = 1000) -> list[int]:
-    """Check a request against its model; return the taken timesteps. Raises `SpecError`."""
-    from patchdiff_core.diffusion.respacing import resolve_timesteps
+def check_spec(
+    spec: GenerationSpec, num_classes: int, max_timesteps: int = 1000, beta_max: float = DEFAULT_BETA_MAX
+) -> list[int]:
+    """Check a request against its model; return the taken timesteps. Raises `SpecError`.
 
+    `beta_max` is the model's schedule (`ModelConfig.beta_max`), which the 'logsnrN' and 'karrasN'
+    spacings depend on.
+    """
     try:
-        steps = resolve_timesteps(spec.timesteps)
+        steps = resolve_timesteps(spec.timesteps, beta_max)
     except ValueError as exc:
         raise SpecError("timesteps", str(exc)) from None
     if len(steps) > max_timesteps:
