@@ -144,7 +144,7 @@ class BatchEngine:
         model = self.models.get(spec.model)
         if model is None:
             raise ValueError(f"this engine does not serve model {spec.model!r}")
-        steps = sorted(check_spec(spec, model.config.num_classes), reverse=True)
+        steps = sorted(check_spec(spec, model.config.num_classes, beta_max=model.config.beta_max), reverse=True)
         res = model.config.res
         if noise_for is None:
             def noise_for(i: int) -> NoiseSource:
