@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=2, ge=1)  # a job whose worker died is requeued until this
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # records and results are deleted this long after the job ends
     janitor_interval_s: float = Field(default=60.0, gt=0)  # how often expired jobs' records and results are deleted
-    redis_retry_max_s: float = Field(default=10.0, gt=0)  # workers: longest wait between Redis reconnect attempts
+    redis_retry_max_s: float = Field(default=2.0, gt=0)  # workers: longest wait between Redis reconnect attempts
     log_format: Literal["json", "text"] = "json"
 
     @field_validator("api_keys", "admin_keys", "worker_models", "allowed_samplers", mode="before")
