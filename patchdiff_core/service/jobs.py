@@ -114,6 +114,7 @@ class JobStore:
         self._live = conn.register_script(lua.LIVE_WORKERS)
         self._progress = conn.register_script(lua.PROGRESS)
         self._gone = conn.register_script(lua.GONE)
+        self._lost_queued = conn.register_script(lua.LOST_QUEUED)
 
     # -- keys ------------------------------------------------------------------------------
     @staticmethod
@@ -398,24 +399,17 @@ class JobStore:
         older_than = time.time() - self.settings.heartbeat_ttl_s
         for raw_model in self.redis.smembers(self.queued_models_key):
             model = raw_model.decode()
-            ids = [raw.decode() for raw in self.redis.zrange(self.queued_key(model), 0, -1)]
-            if not ids:
+            if not self.redis.exists(self.queued_key(model)):
                 self.redis.srem(self.queued_models_key, model)
                 continue
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hmget(self.job_key(job_id), "status", "rq_id", "enqueued_at", "attempt")
-                rows = pipe.execute()
             queue = self.queue(model)
-            waiting = set(queue.get_job_ids())
-            taken = set(queue.started_job_registry.get_job_ids())  # popped; the worker is starting it
-            for job_id, (status, rq_id, enqueued_at, attempt) in zip(ids, rows):
-                if status is None:
-                    self._forget(job_id, model)
-                elif status != b"queued":
-                    self.redis.zrem(self.queued_key(model), job_id)
-                elif float(enqueued_at or 0) < older_than and rq_id.decode() not in waiting | taken:
-                    actions.append((job_id, self._requeue(job_id, int(attempt), "queued", "job left its queue without running")))
+            lost, gone = self._lost_queued(
+                keys=[self.queued_key(model), queue.key, queue.started_job_registry.key], args=[older_than, PREFIX])
+            for job_id in gone:
+                self._forget(job_id.decode(), model)
+            for entry in lost:
+                job_id, attempt = entry.decode().split(":")
+                actions.append((job_id, self._requeue(job_id, int(attempt), "queued", "job left its queue without running")))
         return actions
 
     def _forget(self, job_id: str, model: str | None) -> None:

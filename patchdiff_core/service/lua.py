@@ -137,3 +137,28 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 release_cost(KEYS[2], KEYS[3], ARGV[1])
 return 1
 """
+
+# Queued jobs whose queue message is gone (neither waiting in the RQ queue nor taken by a worker,
+# i.e. not in RQ's started registry). Run in Redis, so a pass over 10,000 queued jobs is one round
+# trip. KEYS: the model's queued set, its RQ queue list, its RQ started registry.
+# ARGV: enqueued before (epoch s), prefix. Returns {{"<id>:<attempt>" lost...}, {id whose record is gone...}}.
+LOST_QUEUED = """
+local present = {}
+for _, rq_id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do present[rq_id] = true end
+for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  present[string.match(member, '^([^:]+)')] = true  -- members are "<rq id>:<execution id>"
+end
+local lost, gone = {}, {}
+local before = tonumber(ARGV[1])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local s = redis.call('HMGET', ARGV[2] .. ':job:' .. id, 'status', 'rq_id', 'enqueued_at', 'attempt')
+  if not s[1] then
+    table.insert(gone, id)
+  elseif s[1] ~= 'queued' then
+    redis.call('ZREM', KEYS[1], id)
+  elseif tonumber(s[3] or '0') < before and not present[s[2]] then
+    table.insert(lost, id .. ':' .. s[4])
+  end
+end
+return {lost, gone}
+"""
