@@ -197,3 +197,22 @@ def test_expired_jobs_are_listed_for_the_janitor(jobs):
     assert jobs.expired_jobs() == [record.id]
     jobs.forget_expired(record.id)
     assert jobs.get(record.id) is None and jobs.expired_jobs() == []
+
+
+def test_janitor_deletes_expired_jobs_and_all_their_files(jobs, tmp_path):
+    from api.janitor import delete_expired
+    from patchdiff_core.service.store import LocalStore, result_key
+
+    store = LocalStore(tmp_path)
+    record, _ = jobs.submit(SPEC)
+    jobs.queue("tiny").empty()
+    jobs.start(record.id, "w", 1)
+    store.put(result_key(record.id, "grid.png", 1), b"png", "image/png")
+    store.put(result_key(record.id, "images/0.png", 1), b"png", "image/png")
+    assert jobs.finish(record.id, 1, 1, [])
+    kept, _ = jobs.submit(SPEC)
+    assert delete_expired(jobs, store) == 0 and (tmp_path / record.id).exists()  # retention not over
+    jobs.redis.zadd(jobs.expiry_key, {record.id: 0})
+    assert delete_expired(jobs, store) == 1
+    assert not (tmp_path / record.id).exists() and jobs.get(record.id) is None
+    assert jobs.get(kept.id) is not None
