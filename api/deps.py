@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, the Redis-backed job store, the object store, API-key auth and
+"""FastAPI dependencies (async where they do no I/O, so they run on the event loop instead of a
+thread hop each): settings, the Redis-backed job store, the object store, API-key auth and
 tenants (`Caller`), and `visible_job`: the job a route names, or 404 if the caller may not see it."""
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from patchdiff_core.service.settings import Settings
 from patchdiff_core.service.store import JOB_ID, ObjectStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_jobs(request: Request) -> JobStore:
+async def get_jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
@@ -56,7 +57,7 @@ def _matches(given: str, keys) -> bool:
     return found
 
 
-def require_api_key(
+async def require_api_key(
     settings: Annotated[Settings, Depends(get_settings)],
     header_key: Annotated[str | None, Security(_api_key_header)] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
@@ -72,12 +73,12 @@ def require_api_key(
     raise HTTPException(status_code=401, detail="missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def get_base_url(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str:
+async def get_base_url(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str:
     """Links in responses: PATCHDIFF_PUBLIC_URL behind a proxy, else the URL the client used."""
     return (settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def valid_job_id(job_id: str) -> str:
+async def valid_job_id(job_id: str) -> str:
     """A job id is 32 hex digits; anything else cannot name a job (404, never a path on disk)."""
     if not JOB_ID.match(job_id):
         raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
@@ -87,11 +88,12 @@ def valid_job_id(job_id: str) -> str:
 CallerDep = Annotated[Caller, Depends(require_api_key)]
 
 
-def visible_job(job_id: Annotated[str, Depends(valid_job_id)], caller: CallerDep,
-                jobs: Annotated[JobStore, Depends(get_jobs)]) -> JobRecord:
+async def visible_job(job_id: Annotated[str, Depends(valid_job_id)], caller: CallerDep,
+                      jobs: Annotated[JobStore, Depends(get_jobs)]) -> JobRecord:
     """The job named in the path, if this caller may see it; 404 otherwise (whether it does not
-    exist or belongs to another tenant: the answer does not tell which)."""
-    record = jobs.get(job_id)
+    exist or belongs to another tenant: the answer does not tell which). Async: one round trip
+    on the asyncio client for the record and its place in line, no worker thread."""
+    record = await jobs.aget(job_id)
     if record is None or not caller.sees(record):
         raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
     return record

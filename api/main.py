@@ -16,7 +16,7 @@ from patchdiff_core import __version__
 from patchdiff_core.generation.registry import all_models
 from patchdiff_core.service.jobs import IdempotencyConflict, JobRecord, JobStore, OverCapacity
 from patchdiff_core.service.logs import configure_logging
-from patchdiff_core.service.redis_conn import api_redis
+from patchdiff_core.service.redis_conn import api_redis, api_redis_async
 from patchdiff_core.service.settings import Settings, get_settings
 from patchdiff_core.service.store import ObjectStore, make_store, result_key
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings, "api")
     if not settings.redis_url:
         raise RuntimeError("PATCHDIFF_REDIS_URL is not set (patchdiff serve sets it)")
-    jobs = JobStore(api_redis(settings.redis_url), settings)
+    jobs = JobStore(api_redis(settings.redis_url), settings, api_redis_async(settings.redis_url))
     store = make_store(settings)
 
     def reap() -> None:
@@ -129,8 +129,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return view
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses=JOB_ERRORS)
-    def get_job(job: VisibleJob, jobs: Jobs, base: BaseUrl) -> JobView:
-        return job_view(job, jobs, base)
+    async def get_job(job: VisibleJob, jobs: Jobs, base: BaseUrl) -> Response:
+        # The hot path of polling clients: no I/O left here (visible_job fetched the record and its
+        # queue position), and the view is serialised once by pydantic instead of re-validated.
+        return Response(job_view(job, jobs, base).model_dump_json(), media_type="application/json")
 
     @app.delete("/jobs/{job_id}", status_code=202, response_model=JobView,
                 responses={**JOB_ERRORS, 409: {**_ERR, "description": "the job already ended"}})

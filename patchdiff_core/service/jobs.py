@@ -70,6 +70,8 @@ class JobRecord(BaseModel):
     idempotency_key: str | None = None
     owner: str = ""  # the tenant: a hash of the API key that created it ("" with auth off)
     cost: int = 0
+    # Not stored: filled in by `get(..., with_position=True)` for queued jobs.
+    queue_position: int | None = None
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> "JobRecord":
@@ -104,8 +106,10 @@ class OverCapacity(Exception):
 
 
 class JobStore:
-    def __init__(self, conn: redis.Redis, settings: Settings):
+    def __init__(self, conn: redis.Redis, settings: Settings, aconn=None):
         self.redis = conn
+        self.aredis = aconn  # optional redis.asyncio client (the API's hot paths)
+        self._aget_script = None
         self.settings = settings
         self._queues: dict[str, Queue] = {}
         self._transition = conn.register_script(lua.TRANSITION)
@@ -115,6 +119,7 @@ class JobStore:
         self._progress = conn.register_script(lua.PROGRESS)
         self._gone = conn.register_script(lua.GONE)
         self._lost_queued = conn.register_script(lua.LOST_QUEUED)
+        self._get_with_position = conn.register_script(lua.GET_WITH_POSITION)
 
     # -- keys ------------------------------------------------------------------------------
     @staticmethod
@@ -222,7 +227,7 @@ class JobStore:
 
     @staticmethod
     def _to_hash(record: JobRecord) -> dict[str, Any]:
-        data = record.model_dump(exclude={"spec", "model_sha256", "cancel_requested"})
+        data = record.model_dump(exclude={"spec", "model_sha256", "cancel_requested", "queue_position"})
         data = {k: ("" if v is None else v) for k, v in data.items()}
         data["spec"] = record.spec.model_dump_json()
         data["model"] = record.spec.model  # for the Lua scripts, which cannot parse the spec
@@ -230,18 +235,38 @@ class JobStore:
         data["cancel_requested"] = "1" if record.cancel_requested else "0"
         return data
 
-    def get(self, job_id: str) -> JobRecord | None:
-        data = self.redis.hgetall(self.job_key(job_id))
+    def get(self, job_id: str, with_position: bool = False) -> JobRecord | None:
+        """The job's record; `with_position` also fills in `queue_position` (same round trip)."""
+        if with_position:
+            flat, position = self._get_with_position(keys=[self.job_key(job_id)], args=[PREFIX])
+            return self._record(dict(zip(flat[::2], flat[1::2])), position)
+        return self._record(self.redis.hgetall(self.job_key(job_id)), None)
+
+    async def aget(self, job_id: str) -> JobRecord | None:
+        """`get(job_id, with_position=True)` on the asyncio client (`aredis`): the status-poll path,
+        which then needs neither a worker thread nor a second round trip."""
+        if self._aget_script is None:
+            self._aget_script = self.aredis.register_script(lua.GET_WITH_POSITION)
+        flat, position = await self._aget_script(keys=[self.job_key(job_id)], args=[PREFIX])
+        return self._record(dict(zip(flat[::2], flat[1::2])), position)
+
+    @staticmethod
+    def _record(data: dict[bytes, bytes], position) -> JobRecord | None:
         if not data:
             return None
         fields = {k.decode(): v.decode() for k, v in data.items()}
         fields.pop("model", None)
-        return JobRecord.from_hash(fields)
+        record = JobRecord.from_hash(fields)
+        if position is not None:
+            record.queue_position = int(position)
+        return record
 
     def queue_position(self, record: JobRecord) -> int | None:
         """Jobs of the same model ahead of this one (0 = next), or None when it is not waiting."""
         if record.status != "queued":
             return None
+        if record.queue_position is not None:
+            return record.queue_position
         return self.redis.zrank(self.queued_key(record.spec.model), record.id)
 
     def cancel(self, job_id: str) -> str | None:

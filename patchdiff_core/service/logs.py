@@ -30,4 +30,5 @@ def configure_logging(settings: Settings, process: str) -> None:
         lib = logging.getLogger(name)
         lib.handlers[:] = []
         lib.propagate = True
-    logging.getLogger("rq").setLevel(logging.WARNING)
+    for noisy in ("rq", "httpx", "httpcore", "botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -162,3 +162,14 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 return {lost, gone}
 """
+
+# A job record and, when queued, its place in its model's line: one round trip for a status poll.
+# KEYS: job. ARGV: prefix. Returns {flat field/value list, rank or false}.
+GET_WITH_POSITION = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {fields, false} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' then return {fields, false} end
+local id = string.match(KEYS[1], '[^:]+$')
+return {fields, redis.call('ZRANK', ARGV[1] .. ':queued:' .. redis.call('HGET', KEYS[1], 'model'), id)}
+"""

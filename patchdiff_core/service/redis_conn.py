@@ -14,6 +14,7 @@ import logging
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from patchdiff_core.service.settings import Settings
@@ -34,6 +35,13 @@ class LoggedRetry(Retry):
 def api_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=3, health_check_interval=10,
                                 retry=Retry(ExponentialBackoff(), 0))
+
+
+def api_redis_async(url: str):
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=3, health_check_interval=10,
+                                        retry=AsyncRetry(ExponentialBackoff(), 0))
 
 
 def worker_redis(settings: Settings) -> redis.Redis:
