@@ -24,6 +24,7 @@ from .deps import BaseUrl, CallerDep, Jobs, SettingsDep, Store, VisibleJob, requ
 from .janitor import delete_expired
 from .limits import BodySizeLimit, check_submit_rate, validation_error
 from .metrics import JobMetrics
+from .observe import RequestObserver, register_process_metrics
 from .schemas import ErrorBody, GenerateRequest, Health, JobView, ModelView
 from .service import NotServed, RequestError, build_spec, job_view, model_views, request_fingerprint
 
@@ -80,9 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.jobs = jobs
     app.state.store = store
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     metrics_registry = CollectorRegistry()
     metrics_registry.register(JobMetrics(jobs))
+    register_process_metrics(metrics_registry)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObserver, registry=metrics_registry)  # outermost: sees the 413s too
     app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.exception_handler(redis.ConnectionError)

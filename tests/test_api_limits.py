@@ -183,3 +183,16 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def test_access_log_and_http_and_process_metrics(tenants, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="patchdiff.access"):
+        tenants.get("/jobs/" + "0" * 32, headers=A)
+    line = next(r for r in caplog.records if r.name == "patchdiff.access")
+    assert line.status == 404 and line.route == "/jobs/{job_id}" and line.method == "GET" and line.duration_ms >= 0
+    text = tenants.get("/metrics").text
+    assert 'patchdiff_http_requests_total{method="GET",route="/jobs/{job_id}",status="404"} 1.0' in text
+    assert "patchdiff_http_request_duration_seconds_bucket" in text
+    assert "process_resident_memory_bytes" in text and "python_gc_objects_collected_total" in text
