@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from fastapi import HTTPException
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,7 +112,6 @@ def _finite(value: Any) -> Any:
 
 
 async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, but encodable whatever the input held (`1e400`, `NaN`, `Infinity`)."""
-    detail = [{k: _finite(v) for k, v in error.items() if k != "ctx"} | (
-        {"ctx": {k: str(v) for k, v in error["ctx"].items()}} if "ctx" in error else {}) for error in exc.errors()]
-    return JSONResponse(status_code=422, content={"detail": detail})
+    """FastAPI's 422, but encodable whatever the input held (`1e400`, `NaN`, `Infinity`; bytes of a
+    body that was not JSON are made text by FastAPI's own encoder first)."""
+    return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})

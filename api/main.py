@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/generate", status_code=202, response_model=JobView, responses={
         **AUTH_ERRORS,
         200: {"model": JobView, "description": "an earlier job with the same idempotency_key"},
+        400: {**_ERR, "description": "the body cannot be decoded (not UTF-8)"},
         409: {**_ERR, "description": "idempotency_key already used for another request"},
         413: {**_ERR, "description": "request body too large"},
         429: {**_ERR, "description": "rate limit or queued-work cap reached; retry after Retry-After"},
