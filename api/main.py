@@ -8,50 +8,70 @@ from contextlib import asynccontextmanager
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from patchdiff_core import __version__
 from patchdiff_core.generation.registry import all_models
 from patchdiff_core.generation.spec import SpecError
-from patchdiff_core.service.jobs import IdempotencyConflict, JobStore
+from patchdiff_core.service.jobs import IdempotencyConflict, JobRecord, JobStore, OverCapacity
+from patchdiff_core.service.logs import configure_logging
+from patchdiff_core.service.redis_conn import api_redis, api_redis_async
 from patchdiff_core.service.settings import Settings, get_settings
-from patchdiff_core.service.store import make_store, result_key
+from patchdiff_core.service.store import ObjectStore, make_store, result_key
 
-from .deps import BaseUrl, JobId, Jobs, SettingsDep, Store, require_api_key
+from .deps import BaseUrl, CallerDep, Jobs, SettingsDep, Store, VisibleJob, require_api_key
+from .janitor import delete_expired
+from .limits import BodySizeLimit, check_submit_rate, validation_error
 from .metrics import JobMetrics
-from .schemas import GenerateRequest, Health, JobView, ModelView
-from .service import build_spec, job_view, model_views, request_fingerprint
+from .observe import RequestObserver, register_process_metrics
+from .schemas import ErrorBody, GenerateRequest, Health, JobView, ModelView
+from .service import NotServed, build_spec, job_view, model_views, request_fingerprint
 
 log = logging.getLogger("patchdiff.api")
 
+# Documented answers, so that the OpenAPI schema lists every code a route can give.
+_ERR = {"model": ErrorBody}
+AUTH_ERRORS = {401: {**_ERR, "description": "missing or invalid API key (only when API keys are configured)"},
+               503: {**_ERR, "description": "Redis unavailable; retry after Retry-After"}}
+JOB_ERRORS = {**AUTH_ERRORS, 404: {**_ERR, "description": "no such job visible to this key"}}
+PNG = {"content": {"image/png": {}}, "description": "the PNG"}
 
-def redis_client(url: str) -> redis.Redis:
-    # Short timeouts: with Redis away a request answers 503 at once instead of hanging.
-    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=3, health_check_interval=10)
 
-
-async def _reap_forever(jobs: JobStore, interval: float) -> None:
-    """Requeue jobs of dead workers even when no worker is alive to notice."""
+async def _every(interval: float, what: str, work) -> None:
+    """Run `work` in a thread every `interval` s; a Redis outage costs one log line per attempt."""
     while True:
         await asyncio.sleep(interval)
         try:
-            for job_id, action in await asyncio.to_thread(jobs.reap):
-                log.warning("job %s: %s", job_id, action)
+            await asyncio.to_thread(work)
         except redis.RedisError as exc:
-            log.debug("reaper: %s", exc)
+            log.warning("%s: Redis unavailable (%s); retrying in %.1f s", what, str(exc).splitlines()[0][:200], interval)
+        except Exception:  # noqa: BLE001 - a background loop must not die
+            log.exception("%s failed", what)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings, "api")
     if not settings.redis_url:
         raise RuntimeError("PATCHDIFF_REDIS_URL is not set (patchdiff serve sets it)")
+    jobs = JobStore(api_redis(settings.redis_url), settings, api_redis_async(settings.redis_url))
+    store = make_store(settings)
+
+    def reap() -> None:
+        for job_id, action in jobs.reap():
+            log.warning("reaped job: %s", action, extra={"job_id": job_id})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        reaper = asyncio.create_task(_reap_forever(app.state.jobs, settings.heartbeat_interval_s))
+        if not settings.api_keys and not settings.admin_keys:
+            log.warning("auth is off: no PATCHDIFF_API_KEYS set, every caller sees every job")
+        tasks = [asyncio.create_task(_every(settings.heartbeat_interval_s, "reaper", reap)),
+                 asyncio.create_task(_every(settings.janitor_interval_s, "janitor", lambda: delete_expired(jobs, store)))]
         yield
-        reaper.cancel()
+        for task in tasks:
+            task.cancel()
 
     app = FastAPI(
         title="patchdiff",
@@ -60,10 +80,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.jobs = JobStore(redis_client(settings.redis_url), settings)
-    app.state.store = make_store(settings)
+    app.state.jobs = jobs
+    app.state.store = store
     metrics_registry = CollectorRegistry()
-    metrics_registry.register(JobMetrics(app.state.jobs))
+    metrics_registry.register(JobMetrics(jobs))
+    register_process_metrics(metrics_registry)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObserver, registry=metrics_registry)  # outermost: sees the 413s too
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
@@ -78,89 +102,109 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     auth = [Depends(require_api_key)]
 
-    @app.post("/generate", status_code=202, response_model=JobView, dependencies=auth,
-              responses={200: {"model": JobView, "description": "an earlier job with the same idempotency_key"}})
-    def generate(req: GenerateRequest, response: Response, jobs: Jobs, settings: SettingsDep, base: BaseUrl) -> JobView:
-        spec = build_spec(req, settings, jobs.served_models())
+    @app.post("/generate", status_code=202, response_model=JobView, responses={
+        **AUTH_ERRORS,
+        200: {"model": JobView, "description": "an earlier job with the same idempotency_key"},
+        400: {**_ERR, "description": "the body cannot be decoded (not UTF-8)"},
+        409: {**_ERR, "description": "idempotency_key already used for another request"},
+        413: {**_ERR, "description": "request body too large"},
+        429: {**_ERR, "description": "rate limit or queued-work cap reached; retry after Retry-After"},
+        503: {**_ERR, "description": "no live worker serves the model, or Redis unavailable; retry after Retry-After"},
+    })
+    def generate(req: GenerateRequest, response: Response, caller: CallerDep, jobs: Jobs, settings: SettingsDep,
+                 base: BaseUrl) -> JobView:
         try:
-            record, created = jobs.submit(spec, req.idempotency_key, request_fingerprint(req))
+            spec, cost = build_spec(req, settings, jobs.served_models(), set(all_models(settings.weights_dir)))
+        except NotServed as exc:
+            raise HTTPException(status_code=503, detail=str(exc),
+                                headers={"Retry-After": str(settings.retry_after_s)}) from None
+        if settings.api_keys or settings.admin_keys:
+            check_submit_rate(jobs, caller.owner, settings.submit_rate_per_minute)
+        try:
+            record, created = jobs.submit(spec, req.idempotency_key, request_fingerprint(req), caller.owner, cost)
         except IdempotencyConflict as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
+        except OverCapacity as exc:
+            raise HTTPException(status_code=429, detail=str(exc),
+                                headers={"Retry-After": str(settings.retry_after_s)}) from None
         view = job_view(record, jobs, base)
         response.headers["Location"] = view.links.self
         if not created:
             response.status_code = 200
         return view
 
-    @app.get("/jobs/{job_id}", response_model=JobView, dependencies=auth)
-    def get_job(job_id: JobId, jobs: Jobs, base: BaseUrl) -> JobView:
-        return job_view(_record(jobs, job_id), jobs, base)
+    @app.get("/jobs/{job_id}", response_model=JobView, responses=JOB_ERRORS)
+    async def get_job(job: VisibleJob, jobs: Jobs, base: BaseUrl) -> Response:
+        # The hot path of polling clients: no I/O left here (visible_job fetched the record and its
+        # queue position), and the view is serialised once by pydantic instead of re-validated.
+        return Response(job_view(job, jobs, base).model_dump_json(), media_type="application/json")
 
-    @app.delete("/jobs/{job_id}", status_code=202, response_model=JobView, dependencies=auth)
-    def cancel_job(job_id: JobId, jobs: Jobs, base: BaseUrl) -> JobView:
+    @app.delete("/jobs/{job_id}", status_code=202, response_model=JobView,
+                responses={**JOB_ERRORS, 409: {**_ERR, "description": "the job already ended"}})
+    def cancel_job(job: VisibleJob, jobs: Jobs, base: BaseUrl) -> JobView:
         """A queued job is cancelled at once and never runs; a running one stops at its next step."""
-        record = _record(jobs, job_id)
-        if jobs.cancel(job_id) is None:
-            raise HTTPException(status_code=409, detail=f"job {job_id} already ended ({record.status})")
-        return job_view(_record(jobs, job_id), jobs, base)
+        if jobs.cancel(job.id) is None:
+            raise HTTPException(status_code=409, detail=f"job {job.id} already ended ({job.status})")
+        return job_view(jobs.get(job.id) or job, jobs, base)
 
-    @app.get("/jobs/{job_id}/grid.png", dependencies=auth, response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown job or not finished"}})
-    def get_grid(job_id: JobId, jobs: Jobs, store: Store) -> Response:
-        return _result(jobs, store, job_id, "grid.png", "image/png")
+    @app.get("/jobs/{job_id}/grid.png", response_class=Response,
+             responses={**JOB_ERRORS, 200: PNG, 404: {**_ERR, "description": "unknown job or not finished"}})
+    def get_grid(job: VisibleJob, store: Store) -> Response:
+        return _result(store, job, "grid.png", "image/png")
 
-    @app.get("/jobs/{job_id}/images/{index}.png", dependencies=auth, response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown job, image or not finished"}})
-    def get_image(job_id: JobId, index: int, jobs: Jobs, store: Store) -> Response:
-        return _result(jobs, store, job_id, f"images/{index}.png", "image/png", index=index)
+    @app.get("/jobs/{job_id}/images/{index}.png", response_class=Response,
+             responses={**JOB_ERRORS, 200: PNG, 404: {**_ERR, "description": "unknown job, image or not finished"},
+                        422: {"description": "index is not an integer"}})
+    def get_image(job: VisibleJob, index: int, store: Store) -> Response:
+        return _result(store, job, f"images/{index}.png", "image/png", index=index)
 
-    @app.get("/jobs/{job_id}/record.json", dependencies=auth, response_class=Response,
-             responses={200: {"content": {"application/json": {}}}})
-    def get_record(job_id: JobId, jobs: Jobs, store: Store) -> Response:
-        return _result(jobs, store, job_id, "record.json", "application/json")
+    @app.get("/jobs/{job_id}/record.json", response_class=Response,
+             responses={**JOB_ERRORS, 200: {"content": {"application/json": {}}, "description": "the run's record"}})
+    def get_record(job: VisibleJob, store: Store) -> Response:
+        return _result(store, job, "record.json", "application/json")
 
-    @app.get("/models", response_model=list[ModelView], dependencies=auth)
+    @app.get("/models", response_model=list[ModelView], dependencies=auth, responses=AUTH_ERRORS)
     def list_models(jobs: Jobs, settings: SettingsDep) -> list[ModelView]:
         return model_views(all_models(settings.weights_dir), jobs.served_models(), settings.weights_dir)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
+        """Liveness: this process answers. Readiness (Redis, a worker, the store) is /readyz."""
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-    def readyz(jobs: Jobs) -> JSONResponse:
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
+    def readyz(jobs: Jobs, store: Store) -> JSONResponse:
         try:
             jobs.redis.ping()
             workers = len(jobs.live_workers())
         except redis.RedisError as exc:
-            return JSONResponse(status_code=503, content=Health(status="unavailable", redis="down", detail=str(exc)).model_dump())
-        ready = workers > 0
-        body = Health(status="ready" if ready else "unavailable", redis="ok", workers=workers,
-                      detail=None if ready else "no live worker")
-        return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
+            body = Health(status="unavailable", redis="down", detail=str(exc))
+            return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "2"})
+        try:
+            store.check()
+            store_state, store_error = "ok", None
+        except Exception as exc:  # noqa: BLE001 - any failure to write means not ready
+            store_state, store_error = "unwritable", f"object store: {type(exc).__name__}: {exc}"
+        problems = [p for p in (None if workers else "no live worker", store_error) if p]
+        body = Health(status="unavailable" if problems else "ready", redis="ok", workers=workers, store=store_state,
+                      detail="; ".join(problems) or None)
+        return JSONResponse(status_code=503 if problems else 200, content=body.model_dump(),
+                            headers={"Retry-After": str(settings.retry_after_s)} if problems else None)
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     def metrics() -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
-def _record(jobs: JobStore, job_id: str):
-    record = jobs.get(job_id)
-    if record is None:
-        raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
-    return record
-
-
-def _result(jobs: JobStore, store, job_id: str, name: str, media_type: str, index: int | None = None) -> Response:
-    record = _record(jobs, job_id)
-    if record.status != "finished":
-        raise HTTPException(status_code=404, detail=f"job {job_id} is {record.status}; results exist once it is finished")
+def _result(store: ObjectStore, record: JobRecord, name: str, media_type: str, index: int | None = None) -> Response:
+    """A result of the published attempt: a stale attempt's files are never served."""
+    if record.status != "finished" or record.results_attempt is None:
+        raise HTTPException(status_code=404, detail=f"job {record.id} is {record.status}; results exist once it is finished")
     if index is not None and not 0 <= index < record.num_results:
-        raise HTTPException(status_code=404, detail=f"job {job_id} has images 0..{record.num_results - 1}")
-    data = store.get(result_key(job_id, name))
+        raise HTTPException(status_code=404, detail=f"job {record.id} has images 0..{record.num_results - 1}")
+    data = store.get(result_key(record.id, name, record.results_attempt))
     if data is None:
-        raise HTTPException(status_code=404, detail=f"result {name} of job {job_id} is missing from the store")
+        raise HTTPException(status_code=404, detail=f"result {name} of job {record.id} is missing from the store")
     return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
-

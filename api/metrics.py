@@ -18,7 +18,6 @@ class JobMetrics(Collector):
             counters = self.jobs.metric_counters()
             active = self.jobs.count_active()
             workers = len(self.jobs.live_workers())
-            queue_depth = self.jobs.queue.count
             histograms = {name: self.jobs.histogram(name) for name in ("job_seconds", "step_seconds")}
         except Exception:  # noqa: BLE001 - Redis away: say so, export nothing stale
             up.add_metric([], 0)
@@ -45,8 +44,8 @@ class JobMetrics(Collector):
         for state, count in active.items():
             by_state.add_metric([state], count)
         yield by_state
-        depth = GaugeMetricFamily("patchdiff_queue_depth", "Jobs waiting in the queue")
-        depth.add_metric([], queue_depth)
+        depth = GaugeMetricFamily("patchdiff_queue_depth", "Jobs waiting in the queues (all models)")
+        depth.add_metric([], active["queued"])
         yield depth
         live = GaugeMetricFamily("patchdiff_workers", "Workers with a live heartbeat")
         live.add_metric([], workers)

@@ -14,7 +14,7 @@ class GenerateRequest(BaseModel):
     """POST /generate. Omitted fields take the model's defaults; the seed, when omitted, is drawn
     at random and reported in the job."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "digits", "num_images": 16, "class_label": 3, "seed": 42}]})
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{"model": "digits", "num_images": 16, "class_label": 3, "seed": 42}]})
 
     model: str | None = Field(default=None, description="model name (GET /models); default: the server's default model")
     num_images: int = Field(default=1, ge=1)
@@ -85,4 +85,9 @@ class Health(BaseModel):
     status: str
     redis: str | None = None
     workers: int | None = None
+    store: str | None = None
     detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str

@@ -9,17 +9,26 @@ from pathlib import Path
 from patchdiff_core.generation.registry import ModelEntry, SamplingDefaults
 from patchdiff_core.generation.spec import GenerationSpec, SpecError, check_spec, new_seed, random_labels
 from patchdiff_core.model.config import ModelConfig
-from patchdiff_core.service.jobs import JobRecord, JobStore
+from patchdiff_core.service.jobs import JobRecord, JobStore, job_cost
 from patchdiff_core.service.settings import Settings
 
 from .schemas import GenerateRequest, JobView, Links, ModelView, Progress, Timings
 
 
-def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]) -> GenerationSpec:
-    """Check a request against the limits in settings and the model it names; fill in defaults."""
+class NotServed(Exception):
+    """A model this server knows, but no live worker serves it now: try again later (503)."""
+
+
+def build_spec(
+    req: GenerateRequest, settings: Settings, served: dict[str, dict], known: set[str] = frozenset()
+) -> tuple[GenerationSpec, int]:
+    """Check a request against the limits in settings and the model it names; fill in defaults.
+    Returns the spec and its cost (`job_cost`)."""
     name = req.model or settings.default_model
     if name not in served:
-        available = ", ".join(sorted(served)) or "none (no live worker)"
+        if name in known or not served:
+            raise NotServed(f"no live worker serves model {name!r} now")
+        available = ", ".join(sorted(served))
         raise SpecError("model", f"model {name!r} is not served by any live worker; available: {available}")
     info = served[name]
     config = ModelConfig.model_validate(info["config"])
@@ -51,12 +60,16 @@ def build_spec(req: GenerateRequest, settings: Settings, served: dict[str, dict]
             guidance=guidance,
             seed=seed,
         )
-        check_spec(spec, config.num_classes, settings.max_timesteps, beta_max=config.beta_max)
+        steps = check_spec(spec, config.num_classes, settings.max_timesteps, beta_max=config.beta_max)
     except SpecError as exc:
         if exc.field == "class_labels":
             exc.field = label_field  # the field the client used
         raise
-    return spec
+    cost = job_cost(spec, len(steps))
+    if cost > settings.max_job_cost:
+        raise SpecError("num_images", f"the job costs {cost} units (images × steps × 2 if guided), "
+                                         f"over the limit of {settings.max_job_cost} per job")
+    return spec, cost
 
 
 def request_fingerprint(req: GenerateRequest) -> str:

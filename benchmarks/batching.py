@@ -48,7 +48,8 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDIFF_")}
         self.env.update({"PATCHDIFF_STORE_DIR": str(self.dir / "results"), "PATCHDIFF_API_PORT": str(self.port),
-                         "PATCHDIFF_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads), **env})
+                         "PATCHDIFF_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads),
+                         "PATCHDIFF_MAX_IMAGES_PER_JOB": "256", **env})
         self.proc = None
 
     def __enter__(self) -> "Service":

@@ -43,9 +43,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False):
         self.port = port or free_port()
         self.workdir = workdir
+        self.appendonly = appendonly
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -55,8 +56,8 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         import redis
@@ -67,6 +68,12 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; only what the append-only file already holds survives."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(10)
 
 
@@ -101,6 +108,7 @@ def service_env(redis_url: str, weights_dir: Path, store_dir: Path, **extra: str
         "PATCHDIFF_DEVICE": "cpu",
         "PATCHDIFF_HEARTBEAT_INTERVAL_S": "0.5",
         "PATCHDIFF_HEARTBEAT_TTL_S": "3",
+        "PATCHDIFF_REDIS_RETRY_MAX_S": "0.5",
         "PATCHDIFF_QUEUE_NAME": f"test-{os.getpid()}-{time.monotonic_ns()}",
         "OMP_NUM_THREADS": "1",
         **extra,
@@ -116,15 +124,15 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
         logdir.mkdir(parents=True, exist_ok=True)
 
-    def spawn(self, args: list[str], tag: str) -> subprocess.Popen:
+    def spawn(self, args: list[str], tag: str, **extra_env: str) -> subprocess.Popen:
         log = open(self.logdir / f"{tag}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(args, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(args, env={**self.env, **extra_env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs.append(proc)
         return proc
 
-    def worker(self) -> subprocess.Popen:
-        return self.spawn([sys.executable, "-m", "worker"], "worker")
+    def worker(self, **extra_env: str) -> subprocess.Popen:
+        return self.spawn([sys.executable, "-m", "worker"], "worker", **extra_env)
 
     def api(self, port: int) -> str:
         self.spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",

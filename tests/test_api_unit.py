@@ -33,11 +33,12 @@ def test_api_keys(app_with_keys):
     assert client.get("/metrics").status_code == 200
 
 
-def test_no_live_worker_means_model_not_served(app_with_keys):
+def test_no_live_worker_is_503_with_retry_after(app_with_keys):
     response = app_with_keys.post("/generate", json={"num_images": 1}, headers={"X-API-Key": "k1"})
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "model"]
-    assert app_with_keys.get("/readyz").status_code == 503
+    assert response.status_code == 503 and int(response.headers["retry-after"]) > 0
+    assert "no live worker" in response.json()["detail"]
+    ready = app_with_keys.get("/readyz")
+    assert ready.status_code == 503 and "no live worker" in ready.json()["detail"]
 
 
 def test_api_never_imports_torch():

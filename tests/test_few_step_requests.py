@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from api.schemas import GenerateRequest
-from api.service import RequestError, build_spec
+from api.service import build_spec
 from patchdiff_core.diffusion.names import SAMPLER_NAMES
 from patchdiff_core.diffusion.respacing import resolve_timesteps
 from patchdiff_core.generation.spec import GenerationSpec, SpecError, check_spec
@@ -28,21 +28,21 @@ def test_new_samplers_are_named_everywhere():
 @pytest.mark.parametrize("timesteps", ["logsnr10", "karras5", "10"])
 def test_api_accepts_few_step_requests(sampler, timesteps):
     req = GenerateRequest(model="digits", num_images=2, sampler=sampler, timesteps=timesteps, seed=1)
-    spec = build_spec(req, Settings(), _served())
+    spec, _cost = build_spec(req, Settings(), _served())
     assert (spec.sampler, spec.timesteps) == (sampler, timesteps)
 
 
 @pytest.mark.parametrize("timesteps", ["logsnr1", "karras1001", "logsnrx", "karras"])
 def test_api_rejects_bad_few_step_specs(timesteps):
     req = GenerateRequest(model="digits", num_images=1, sampler="dpmpp_2m", timesteps=timesteps, seed=1)
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(SpecError) as info:
         build_spec(req, Settings(), _served())
     assert info.value.field == "timesteps"
 
 
 def test_settings_can_disallow_a_sampler():
     req = GenerateRequest(model="digits", num_images=1, sampler="dpmpp_2m_sde", seed=1)
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(SpecError) as info:
         build_spec(req, Settings(allowed_samplers="ancestral,dpmpp_2m"), _served())
     assert info.value.field == "sampler"
 

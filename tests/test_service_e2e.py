@@ -312,13 +312,30 @@ def test_generate_command_downloads_the_same_grid_as_sample(service, tmp_path):
     assert down.returncode == 2 and "cannot reach" in down.stderr
 
 
+def _redis_servers_using(data_dir) -> list[int]:
+    """Pids of redis-server processes whose command line names `data_dir` (via /proc)."""
+    pids = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                cmdline = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and b"redis-server" in cmdline[0] and str(data_dir).encode() in b" ".join(cmdline):
+                pids.append(int(proc))
+    return pids
+
+
 def test_one_command_serve_with_embedded_redis(tmp_path, weights):
-    """`patchdiff serve` with no PATCHDIFF_REDIS_URL: embedded Redis, API and a worker; Ctrl-C stops all."""
+    """`patchdiff serve` with no PATCHDIFF_REDIS_URL: embedded Redis, API and a worker. A killed
+    redis-server is restarted on the same data; Ctrl-C stops everything, Redis included."""
     port = free_port()
+    data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDIFF_")}
     env.update({"PATCHDIFF_WEIGHTS_DIR": str(weights), "PATCHDIFF_DEFAULT_MODEL": "tiny",
-                "PATCHDIFF_STORE_DIR": str(tmp_path / "data" / "results"), "PATCHDIFF_DEVICE": "cpu",
-                "OMP_NUM_THREADS": "1"})
+                "PATCHDIFF_STORE_DIR": str(data / "results"), "PATCHDIFF_DEVICE": "cpu",
+                "PATCHDIFF_HEARTBEAT_TTL_S": "3", "PATCHDIFF_HEARTBEAT_INTERVAL_S": "0.5",
+                "PATCHDIFF_REDIS_RETRY_MAX_S": "0.5", "OMP_NUM_THREADS": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "patchdiff_core.cli", "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -327,14 +344,50 @@ def test_one_command_serve_with_embedded_redis(tmp_path, weights):
         job = httpx.post(url + "/generate", json={"num_images": 2, "seed": 3}).json()
         assert wait_job(url, job["id"])["status"] == "finished"
         assert httpx.get(f"{url}/jobs/{job['id']}/grid.png").status_code == 200
-        assert (tmp_path / "data" / "results" / job["id"] / "grid.png").is_file()
+        assert list((data / "results" / job["id"]).glob("a*/grid.png"))
+
+        # Kill the embedded Redis while a job runs and others wait: serve restarts it from its AOF.
+        [redis_pid] = _redis_servers_using(data)
+        ids = [httpx.post(url + "/generate", json={"num_images": 1, "timesteps": "200", "seed": i}).json()["id"]
+               for i in range(4)]
+        wait_until(lambda: httpx.get(f"{url}/jobs/{ids[0]}").json()["status"] == "running", 60, "a job to run")
+        os.kill(redis_pid, signal.SIGKILL)
+        wait_until(lambda: (lambda p: p and p != [redis_pid])(_redis_servers_using(data)), 30, "a new redis-server")
+        final = [wait_job(url, i, timeout=180) for i in ids]
+        assert [j["status"] for j in final] == ["finished"] * 4, final
+        assert httpx.get(f"{url}/jobs/{job['id']}").json()["status"] == "finished"  # older data survived too
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output
-    # The embedded Redis kept its data beside the results (append-only file and/or snapshot).
-    assert {p.name for p in (tmp_path / "data").iterdir()} & {"redis.rdb", "appendonly.aof", "appendonlydir"}
+    # The embedded Redis kept its data beside the results (append-only file and/or snapshot)...
+    assert {p.name for p in data.iterdir()} & {"redis.rdb", "appendonly.aof", "appendonlydir"}
     assert f"patchdiff API on http://127.0.0.1:{port}" in output and "embedded Redis" in output
+    # ...and no redis-server outlives serve.
+    assert _redis_servers_using(data) == []
+
+
+def test_serve_killed_leaves_no_redis_server(tmp_path, weights):
+    """Even a SIGKILLed serve takes its redis-server with it (PR_SET_PDEATHSIG)."""
+    port = free_port()
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDIFF_")}
+    env.update({"PATCHDIFF_WEIGHTS_DIR": str(weights), "PATCHDIFF_DEFAULT_MODEL": "tiny",
+                "PATCHDIFF_STORE_DIR": str(data / "results"), "PATCHDIFF_DEVICE": "cpu", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "patchdiff_core.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: _redis_servers_using(data), 30, "the embedded redis-server")
+        wait_until(lambda: _ready(f"http://127.0.0.1:{port}"), 90, "patchdiff serve")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    wait_until(lambda: _redis_servers_using(data) == [], 10, "the redis-server to stop")
+    # the API and worker children go too (they also got SIGTERM); clean up anything left regardless
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _ready(url: str) -> bool:

