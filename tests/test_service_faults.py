@@ -26,7 +26,9 @@ def stack(tmp_path, weights):  # noqa: F811
     def start(appendonly: bool = False, **extra: str):
         redis_server = RedisServer(tmp_path / "redis", appendonly=appendonly).start()
         servers.append(redis_server)
-        env = service_env(redis_server.url, weights, tmp_path / "store", **extra)
+        # One job per worker at a time, so "2 workers hold jobs and 20 are queued" is what happens
+        # (test_service_batching.py covers workers holding many jobs, SIGKILL included).
+        env = service_env(redis_server.url, weights, tmp_path / "store", **{"PATCHDIFF_ENGINE_MAX_JOBS": "1", **extra})
         procs = Processes(env, tmp_path / "logs")
         created.append(procs)
         return redis_server, procs
