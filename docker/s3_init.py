@@ -1,7 +1,7 @@
 """One-shot set-up of the results bucket, run by the compose stack's `s3-init` service (API image).
 
 Waits for the S3 server, creates PATCHDIFF_STORE_S3_BUCKET if it is missing, and sets its retention
-rule: objects under PATCHDIFF_STORE_S3_PREFIX/ expire after PATCHDIFF_RESULTS_RETENTION_DAYS days
+rule: objects under PATCHDIFF_STORE_S3_PREFIX/ expire after RESULTS_RETENTION_DAYS days
 (0: no rule). Idempotent: safe on every `docker compose up`. Only the plain S3 API is used
 (CreateBucket, PutBucketLifecycleConfiguration), so any S3-compatible server that implements
 lifecycle expiration works. Exits non-zero, with the reason, if anything fails.
@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 def main() -> int:
     bucket = os.environ["PATCHDIFF_STORE_S3_BUCKET"]
     prefix = os.environ.get("PATCHDIFF_STORE_S3_PREFIX", "jobs").strip("/")
-    days = int(os.environ.get("PATCHDIFF_RESULTS_RETENTION_DAYS", "7"))
+    days = int(os.environ.get("RESULTS_RETENTION_DAYS", "7"))
     endpoint = os.environ.get("PATCHDIFF_STORE_S3_ENDPOINT_URL") or None
     timeout = float(os.environ.get("S3_INIT_TIMEOUT_S", "120"))
     s3 = boto3.client("s3", endpoint_url=endpoint,
@@ -54,7 +54,7 @@ def main() -> int:
             f = r.get("Filter", {}).get("Prefix", r.get("Prefix", ""))
             print(f"s3-init: lifecycle rule: prefix {f!r} expires after {r.get('Expiration', {}).get('Days')} days")
     else:
-        print("s3-init: PATCHDIFF_RESULTS_RETENTION_DAYS=0: no retention rule")
+        print("s3-init: RESULTS_RETENTION_DAYS=0: no retention rule")
     return 0
 
 

@@ -22,7 +22,7 @@ CACHE=${PATCHDIFF_COMPOSE_CACHE:-/var/cache/patchdiff-compose-test}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 export API_PORT=${PATCHDIFF_COMPOSE_PORT:-18000}
 export COMPOSE_PROJECT_NAME=patchdiff-compose-test
-export PATCHDIFF_IMAGE_TAG=compose-test
+export IMAGE_TAG=compose-test
 export PATCHDIFF_API_KEYS=   # auth off for the test (the default of docker-compose.yml)
 STANDIN_PY=patchdiff-standin/python:3.11-bookworm
 STANDIN_REDIS=patchdiff-standin/redis:7.0-bookworm
@@ -108,13 +108,13 @@ step "clean slate: down -v"
 
 step "build (offline, --network none; PYTHON_IMAGE=$PYTHON_IMAGE)"
 "${COMPOSE[@]}" build
-docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E "^patchdiff-(api|worker):$PATCHDIFF_IMAGE_TAG" || true
-for img in "patchdiff-api:$PATCHDIFF_IMAGE_TAG" "patchdiff-worker:$PATCHDIFF_IMAGE_TAG-cpu"; do
+docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E "^patchdiff-(api|worker):$IMAGE_TAG" || true
+for img in "patchdiff-api:$IMAGE_TAG" "patchdiff-worker:$IMAGE_TAG-cpu"; do
   user=$(docker image inspect --format '{{.Config.User}}' "$img")
   [ -n "$user" ] && [ "${user%%:*}" != 0 ] && [ "${user%%:*}" != root ] || { echo "$img runs as root"; exit 1; }
   echo "$img: user $user, healthcheck $(docker image inspect --format '{{json .Config.Healthcheck.Test}}' "$img" | cut -c1-60)..."
 done
-docker run --rm --network none --entrypoint python "patchdiff-worker:$PATCHDIFF_IMAGE_TAG-cpu" -c \
+docker run --rm --network none --entrypoint python "patchdiff-worker:$IMAGE_TAG-cpu" -c \
   "import torch; print('worker image: torch', torch.__version__, 'cuda', torch.version.cuda); assert torch.__version__.startswith('2.13.0')"
 
 step "up"
@@ -124,4 +124,4 @@ step "up"
 step "checks through http://127.0.0.1:$API_PORT"
 "$PYTHON" tests/compose/check.py --port "$API_PORT" -- "${COMPOSE[@]}"
 
-step "passed"
+
