@@ -91,7 +91,7 @@ def main() -> int:
     png1 = grid(first["id"])
     img = Image.open(io.BytesIO(png1))
     img.load()
-    if img.size != (4 * 32, 4 * 32):
+    if img.size != (4 * 34 + 2, 4 * 34 + 2):  # 4 x 4 images of 32 pixels, 2-pixel gaps
         raise SystemExit(f"FAIL: grid of 16 32x32 images is {img.size}")
     log(f"job 1 finished in {time.monotonic() - t:.1f} s (run {j1['timings']['run_s']} s); grid {img.size} "
         f"{len(png1)} bytes, sha256 {hashlib.sha256(png1).hexdigest()[:16]}")
@@ -99,11 +99,13 @@ def main() -> int:
     assert image0.status_code == 200 and image0.content[:8] == b"\x89PNG\r\n\x1a\n", image0.status_code
 
     # 2. Restart the worker container in the middle of a job.
-    r = http.post("/generate", json={"num_images": 32, "class_label": 3, "seed": 7, "timesteps": "200"})
+    r = http.post("/generate", json={"num_images": 16, "class_label": 3, "seed": 7, "timesteps": "150"})
     assert r.status_code == 202, r.text
     second = r.json()["id"]
-    j = wait(lambda: (lambda j: j if j["status"] == "running" and j["progress"]["step"] >= 5 else None)(
-        http.get(f"/jobs/{second}").json()), 300, "job 2 running")
+    j = wait(lambda: (lambda j: j if j["status"] == "running" and j["progress"]["step"] >= 3 else None)(
+        http.get(f"/jobs/{second}").json()), 300, "job 2 running", interval=0.1)
+    if j["progress"]["step"] >= j["progress"]["total"] - 10:
+        raise SystemExit(f"FAIL: job 2 too close to its end to test a restart: {j['progress']}")
     log(f"job 2 running, step {j['progress']['step']}/{j['progress']['total']}: restarting the worker")
     t = time.monotonic()
     sh("restart", "--timeout", "2", "worker")
