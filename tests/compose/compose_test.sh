@@ -80,12 +80,21 @@ fi
 # -- wheelhouse: every line of the locks, as wheels, for the offline builds --------------------------
 LOCKS="docker/requirements/torch.txt docker/requirements/worker.txt docker/requirements/api.txt tests/compose/s3-standin.txt"
 stamp=$(cat $LOCKS | sha256sum | cut -c1-16)
-if [ "$(cat docker/wheels/.stamp 2>/dev/null)" != "$stamp" ]; then
+# The stamp lives outside docker/wheels/, and wheels that did not change are left as they are:
+# the folder is bind-mounted into the builds, so any change there rebuilds their layers (torch!).
+if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$stamp" ]; then
   step "wheelhouse docker/wheels/ from the locks"
-  rm -f docker/wheels/*.whl docker/wheels/.stamp
+  mkdir -p "$CACHE"; fresh=$(mktemp -d "$CACHE/wheels.XXXX")
   # shellcheck disable=SC2046
-  "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir docker/wheels $(printf -- '-r %s ' $LOCKS)
-  echo "$stamp" > docker/wheels/.stamp
+  "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$fresh" $(printf -- '-r %s ' $LOCKS)
+  for f in docker/wheels/*.whl; do
+    if [ -e "$f" ] && [ ! -e "$fresh/${f##*/}" ]; then rm -f "$f"; fi
+  done
+  for f in "$fresh"/*.whl; do
+    if ! cmp -s "$f" "docker/wheels/${f##*/}"; then cp -p "$f" docker/wheels/; fi
+  done
+  rm -rf "$fresh" docker/wheels/.stamp
+  echo "$stamp" > "$CACHE/wheels.stamp"
 fi
 du -sh docker/wheels
 
