@@ -2,30 +2,68 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test serve bench clean
+# torch: the version everything is tested with, and which build. cpu on a machine without
+# `nvidia-smi`, else cuda (PyPI's default Linux wheel). Override: make install TORCH_VARIANT=cpu
+TORCH_VERSION ?= 2.13.0
+TORCH_VARIANT ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+
+# make serve PORT=8080 (the API's port; default PATCHDIFF_API_PORT or 8000)
+PORT ?= $(PATCHDIFF_API_PORT)
+# make test BASE_PORT=20000: the tests' servers bind ports counting up from there (default: any free port)
+BASE_PORT ?= $(PATCHDIFF_TEST_BASE_PORT)
+# make test PYTEST_ARGS='-k docker -x'
+PYTEST_ARGS ?=
+
+.PHONY: install test serve bench compose-test compose-config lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[all]'
+	$(PIP) install --quiet --upgrade pip
+	# torch alone first, without its dependencies: for cpu, a CPU wheel that pip already has on disk
+	# (its configured find-links), else PyTorch's CPU index; for cuda, the default index. An unpinned
+	# or default-index torch on a machine without a GPU would be the multi-GB CUDA build.
+	@if [ "$(TORCH_VARIANT)" = cpu ]; then \
+	  $(PIP) install --quiet --no-deps --no-index "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	  && echo "torch $(TORCH_VERSION)+cpu: the wheel on disk" \
+	  || { echo "torch $(TORCH_VERSION)+cpu from $(TORCH_CPU_INDEX_URL)"; \
+	       $(PIP) install --quiet --no-deps "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX_URL)"; }; \
+	fi
+	# Then torch's own dependencies (and, for cuda, torch itself) and the project, from the default index.
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet -e '.[all]'
+	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	PATCHDIFF_TEST_BASE_PORT=$(BASE_PORT) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 serve: install
-	$(VENV)/bin/patchdiff serve
+	$(VENV)/bin/patchdiff serve $(if $(PORT),--port $(PORT))
 
 bench: install
 	$(PY) benchmarks/flops.py
 	$(PY) benchmarks/forward.py --quick
 	$(PY) benchmarks/service_overhead.py
+
+# The compose stack for real: images built offline from a wheelhouse, the CPU override, a job through
+# the API, a worker restart mid-job, down/up. Needs a Docker engine and Compose v2 (see README).
+compose-test: install
+	PYTHON=$(abspath $(PY)) bash tests/compose/compose_test.sh
+
+# `docker compose config` of both file sets (what tests/test_docker.py runs when Compose v2 is there).
+compose-config:
+	docker compose -f docker-compose.yml config -q
+	docker compose -f docker-compose.yml -f docker-compose.cpu.yml config -q
+
+# Regenerate docker/requirements/*.txt (the versions the images install) in throwaway venvs.
+lock:
+	bash docker/lock.sh
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

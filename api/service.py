@@ -94,7 +94,8 @@ def job_view(record: JobRecord, jobs: JobStore, base_url: str) -> JobView:
     return JobView(
         id=record.id,
         status=record.status,
-        queue_position=jobs.queue_position(record),
+        # A queued job that a worker has already taken off the RQ list (it is starting) is next: 0.
+        queue_position=(jobs.queue_position(record) or 0) if record.status == "queued" else None,
         progress=Progress(
             step=record.step, total=record.total, fraction=round(record.step / record.total, 4) if record.total else 0.0
         ),

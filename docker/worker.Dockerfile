@@ -1,70 +1,82 @@
-# syntax=docker/dockerfile:1
+# A patchdiff worker: loads the models in weights/ once, then runs sampling jobs from the Redis queue
+# (`python -m worker`). Build from the repository root:
 #
-# A patchdiff GPU worker: loads the models in weights/ once, then runs sampling jobs from the Redis
-# queue (`python -m worker`). Build from the repository root:
+#   docker build -f docker/worker.Dockerfile -t patchdiff-worker .                 # CUDA (GPU)
+#   docker build -f docker/worker.Dockerfile --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
+#     --build-arg DEVICE=cpu -t patchdiff-worker:cpu .                               # CPU only
 #
-#   docker build -f docker/worker.Dockerfile -t patchdiff-worker .
+# torch TORCH_VERSION (2.13.0, what the tests run) is installed into a venv on PYTHON_IMAGE (the
+# official Python image by default). TORCH_INDEX_URL empty: the default index (PyPI), whose Linux
+# x86_64 wheel is the CUDA build; it brings the CUDA/cuDNN user-space libraries as the nvidia-*
+# wheels that torch pins, so the base image needs no CUDA, only the host an NVIDIA driver recent
+# enough for that CUDA 12/13 release and the NVIDIA container toolkit. docker-compose.cpu.yml passes
+# PyTorch's CPU index (a ~1 GB image instead of several GB).
 #
-# Base image: the official PyTorch runtime image, pinned. It is ubuntu:22.04 + Python 3.11 (the
-# version of the API image and the tests) + torch 2.6.0 installed by PyTorch's own release process
-# from https://download.pytorch.org/whl/cu124, i.e. the CUDA 12.4 / cuDNN 9 user-space libraries as
-# the nvidia-* wheels that torch pins. It also sets NVIDIA_VISIBLE_DEVICES / NVIDIA_DRIVER_CAPABILITIES
-# for the NVIDIA container toolkit. Preferred over nvidia/cuda:*-cudnn-runtime + a pip torch wheel,
-# which would carry the CUDA libraries twice (the image's and the wheel's own, ~3 GB more) and give
-# Python 3.10 on Ubuntu 22.04. Needs an NVIDIA driver >= 525 on the host (CUDA 12.x minor-version
-# compatibility).
-#
-# torch 2.6.0 satisfies pyproject's `torch>=2.3`; the tests check that TORCH_VERSION, the
-# base image tag and that constraint agree. The `pip install torch==...` below is a no-op on the
-# default base (already installed); it matters when BASE_IMAGE/TORCH_INDEX_URL are overridden, as
-# docker-compose.cpu.yml does for a ~1 GB CPU-only image:
-#
-#   docker build -f docker/worker.Dockerfile \
-#     --build-arg BASE_IMAGE=python:3.11.13-slim-bookworm \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
-#     --build-arg DEVICE=cpu -t patchdiff-worker:cpu .
-ARG BASE_IMAGE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
-FROM ${BASE_IMAGE}
+# Layers, most stable first: torch (docker/requirements/torch.txt), the other locked dependencies
+# (worker.txt), the user, the weights, then the source: a code change rebuilds only the last.
+# Offline build: wheels for both locks in docker/wheels/ (`make wheelhouse`) and --network none;
+# pip then installs from there only (bind-mounted, never in a layer). An air-gapped site points
+# PYTHON_IMAGE at its mirror, or TORCH_INDEX_URL/PIP_INDEX_URL at its package mirror.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
-ARG TORCH_VERSION=2.6.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+FROM ${PYTHON_IMAGE} AS deps
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
+COPY docker/requirements/torch.txt /tmp/requirements/torch.txt
+# torch first, in its own layer. With TORCH_INDEX_URL, torch comes from there (its local version
+# tag, e.g. +cpu, sorts above the plain release) and its dependencies from the default index.
+RUN --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
+    set -eu; \
+    if ls /tmp/wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /tmp/wheels; \
+    elif [ -n "${TORCH_INDEX_URL}" ]; then set -- --extra-index-url "${TORCH_INDEX_URL}"; else set --; fi; \
+    grep -q "^torch==${TORCH_VERSION}\$" /tmp/requirements/torch.txt \
+      || { echo "TORCH_VERSION=${TORCH_VERSION} is not the torch of docker/requirements/torch.txt (make lock)"; exit 1; }; \
+    python3 -m venv /opt/venv; \
+    /opt/venv/bin/python -m pip install "$@" --require-virtualenv -r /tmp/requirements/torch.txt
+COPY docker/requirements/worker.txt /tmp/requirements/worker.txt
+RUN --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
+    set -eu; \
+    if ls /tmp/wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /tmp/wheels; else set --; fi; \
+    /opt/venv/bin/python -m pip install "$@" --require-virtualenv -r /tmp/requirements/torch.txt -r /tmp/requirements/worker.txt
+
+FROM ${PYTHON_IMAGE}
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=
 # The image's default PATCHDIFF_DEVICE. cuda: a worker that sees no GPU fails at start-up instead of
 # silently sampling on the CPU ("auto" would). The CPU build (docker-compose.cpu.yml) passes cpu.
 ARG DEVICE=cuda
-
-ENV PYTHONUNBUFFERED=1 \
+# NVIDIA_*: what the NVIDIA container toolkit exposes to the container (the official CUDA images
+# set the same).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     PATCHDIFF_DEVICE=${DEVICE} \
     PATCHDIFF_WEIGHTS_DIR=/app/weights \
     PATCHDIFF_STORE_DIR=/app/data/results
-
-WORKDIR /app
-
-# torch first, in its own layer, from the PyTorch index (only torch: the rest comes from PyPI).
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-
-COPY pyproject.toml README.md ./
-COPY patchdiff_core/ ./patchdiff_core/
-COPY worker/ ./worker/
-
-# torch is already satisfied, so this only adds safetensors, h5py, redis, rq, boto3 and the base
-# dependencies. The check after it fails the build if anything replaced the pinned torch, or if a
-# CUDA index gave a build without CUDA.
-RUN pip install --no-cache-dir ".[core,worker]" \
-    && rm -rf build ./*.egg-info \
-    && python -c "import sys, torch; v = torch.__version__.split('+')[0]; print('torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit(0 if v == '${TORCH_VERSION}' else 'torch %s, expected ${TORCH_VERSION}' % v)" \
-    && case "${TORCH_INDEX_URL}" in \
-         */cu*) python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'a CPU-only torch from a CUDA index')" ;; \
-       esac \
-    && groupadd --gid 10001 patchdiff \
+RUN groupadd --gid 10001 patchdiff \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/patchdiff --shell /usr/sbin/nologin patchdiff \
     && mkdir -p /app/data/results \
     && chown -R patchdiff:patchdiff /app/data
-
+COPY --from=deps /opt/venv /opt/venv
+# Fails the build if the torch is not the pinned version, or a CUDA build was asked for (no
+# TORCH_INDEX_URL, or a /cuXXX one) and a CPU-only build came.
+RUN python -c "import sys, torch; v = torch.__version__.split('+')[0]; print('torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit(0 if v == '${TORCH_VERSION}' else 'torch %s, expected ${TORCH_VERSION}' % v)" \
+    && case "${TORCH_INDEX_URL}" in \
+         */cpu) python -c "import torch, sys; sys.exit('a CUDA torch from a CPU index' if torch.version.cuda else 0)" ;; \
+         *) [ "${DEVICE}" = cpu ] || python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'a CPU-only torch for a CUDA image')" ;; \
+       esac
+WORKDIR /app
 # The models (manifest.json, *.safetensors): baked in, loaded once at start-up.
 COPY weights/ ./weights/
+COPY pyproject.toml README.md ./
+COPY patchdiff_core/ ./patchdiff_core/
+COPY worker/ ./worker/
+RUN pip install --no-deps --no-build-isolation --no-index . && rm -rf build ./*.egg-info
 
 USER 10001:10001
 

@@ -17,10 +17,32 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
+_next_port: int | None = None
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1: any (the kernel's choice), or with PATCHDIFF_TEST_BASE_PORT=N set
+    (`make test BASE_PORT=N`), the first free one counting up from N (for firewalls that allow a
+    range, or to keep test servers out of another service's ports)."""
+    global _next_port
+    base = os.environ.get("PATCHDIFF_TEST_BASE_PORT", "").strip()
+    if not base:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    if _next_port is None:
+        _next_port = int(base)
+        if not 1024 <= _next_port <= 65535:
+            raise ValueError(f"PATCHDIFF_TEST_BASE_PORT={base}: not a port in 1024..65535")
+    while _next_port <= 65535:
+        port, _next_port = _next_port, _next_port + 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port from PATCHDIFF_TEST_BASE_PORT={base} up")
 
 
 def redis_binary() -> str:

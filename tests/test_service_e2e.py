@@ -84,6 +84,8 @@ def test_submit_poll_download_matches_cli_bytes(service, weights, tmp_path):
     job = response.json()
     assert response.headers["location"] == job["links"]["self"] == f"{url}/jobs/{job['id']}"
     assert job["status"] in ("queued", "running") and job["request"]["seed"] == 42
+    # The 202 tells where the job stands: a queued job always has a position (0 = next).
+    assert isinstance(job["queue_position"], int) if job["status"] == "queued" else job["queue_position"] is None
     # Results do not exist yet (or the job is very fast): either way never a 500.
     early = httpx.get(f"{url}/jobs/{job['id']}/grid.png")
     assert early.status_code in (200, 404)
