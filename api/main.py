@@ -21,6 +21,8 @@ from .deps import BaseUrl, JobId, Jobs, SettingsDep, Store, require_api_key
 from .metrics import JobMetrics
 from .schemas import GenerateRequest, Health, JobView, ModelView
 from .service import RequestError, build_spec, job_view, model_views, request_fingerprint
+from .webhook import checked_webhook
+from . import events as live_events, web
 
 log = logging.getLogger("patchdiff.api")
 
@@ -57,7 +59,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Patch Diffusion as a service: queue a sampling job, poll it, download the PNGs.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from api.web, with their assets served offline
+        redoc_url=None,
     )
+    app.include_router(live_events.router)  # /jobs/{id}/events, /jobs/{id}/preview.png, webhook sender
+    app.include_router(web.router)  # the page at /, /docs, /redoc
     app.state.settings = settings
     app.state.jobs = JobStore(redis_client(settings.redis_url), settings)
     app.state.store = make_store(settings)
@@ -81,8 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               responses={200: {"model": JobView, "description": "an earlier job with the same idempotency_key"}})
     def generate(req: GenerateRequest, response: Response, jobs: Jobs, settings: SettingsDep, base: BaseUrl) -> JobView:
         spec = build_spec(req, settings, jobs.served_models())
+        webhook, webhook_events = checked_webhook(req, settings)
         try:
-            record, created = jobs.submit(spec, req.idempotency_key, request_fingerprint(req))
+            record, created = jobs.submit(spec, req.idempotency_key, request_fingerprint(req), webhook, webhook_events)
         except IdempotencyConflict as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         view = job_view(record, jobs, base)

@@ -15,6 +15,7 @@ import torch
 from patchdiff_core.errors import Cancelled, PatchdiffError
 from patchdiff_core.generation.images import make_grid, png_bytes
 from patchdiff_core.generation.pipeline import generate
+from patchdiff_core.generation.preview import JobPreview
 from patchdiff_core.service.jobs import JobStore
 from patchdiff_core.service.store import ObjectStore, result_key
 
@@ -67,6 +68,9 @@ def run_generation(job_id: str) -> str:
 
 def _sample(ctx: WorkerContext, job_id: str, model, spec):
     last = [time.perf_counter()]
+    settings = ctx.jobs.settings
+    preview = JobPreview(spec.num_images, model.config.res, settings.preview_every_steps,
+                         settings.preview_min_interval_s, settings.preview_max_side)
 
     def on_step(info: dict) -> None:
         now = time.perf_counter()
@@ -74,6 +78,8 @@ def _sample(ctx: WorkerContext, job_id: str, model, spec):
         last[0] = now
         if stop:
             raise Cancelled(job_id)
+        # Live progress for /jobs/{id}/events and webhooks: throttled inside both calls.
+        ctx.jobs.events.progress(job_id, info["step"], info["total"], preview.update(info))
 
     batch_size = ctx.jobs.settings.worker_batch_size
     started = time.perf_counter()

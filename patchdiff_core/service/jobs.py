@@ -25,6 +25,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from patchdiff_core.generation.spec import GenerationSpec
+from patchdiff_core.service.events import JobEvents, status_event
 from patchdiff_core.service.settings import Settings
 
 Status = Literal["queued", "running", "finished", "failed", "cancelled"]
@@ -74,6 +75,8 @@ class JobRecord(BaseModel):
     num_results: int = 0
     model_sha256: list[str] = []
     idempotency_key: str | None = None
+    webhook: str | None = None  # delivery URL (checked at submit: scheme, length, no private target)
+    webhook_events: str | None = None  # comma-separated event names sent to the webhook
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> "JobRecord":
@@ -98,6 +101,7 @@ class JobStore:
         self.settings = settings
         self.queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
         self._transition = conn.register_script(_TRANSITION)
+        self.events = JobEvents(conn, settings)  # every status transition appends a job event
 
     # -- keys ------------------------------------------------------------------------------
     @staticmethod
@@ -116,11 +120,14 @@ class JobStore:
         for key, value in fields.items():
             args += [key, "" if value is None else value]
         previous = self._transition(keys=[self.job_key(job_id), self.active_key, self.metrics_key], args=args)
+        if previous:
+            self.events.publish(job_id, *status_event(job_id, status, fields))
         return previous.decode() if isinstance(previous, bytes) else previous or None
 
     # -- API side --------------------------------------------------------------------------
     def submit(
-        self, spec: GenerationSpec, idempotency_key: str | None = None, fingerprint: str = ""
+        self, spec: GenerationSpec, idempotency_key: str | None = None, fingerprint: str = "",
+        webhook: str | None = None, webhook_events: list[str] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Create and enqueue a job; returns (record, created).
 
@@ -128,7 +135,8 @@ class JobStore:
         it) returns the first job instead; with another fingerprint it raises `IdempotencyConflict`.
         """
         job_id = new_job_id()
-        record = JobRecord(id=job_id, status="queued", spec=spec, created_at=time.time(), idempotency_key=idempotency_key)
+        record = JobRecord(id=job_id, status="queued", spec=spec, created_at=time.time(), idempotency_key=idempotency_key,
+                           webhook=webhook, webhook_events=",".join(webhook_events or []) or None)
         self.redis.hset(self.job_key(job_id), mapping=self._to_hash(record))
         self.redis.expire(self.job_key(job_id), self.settings.job_ttl_s)
         if idempotency_key:
@@ -147,6 +155,7 @@ class JobStore:
             pipe.sadd(self.active_key, job_id)
             pipe.hincrby(self.metrics_key, "jobs_submitted", 1)
             pipe.execute()
+        self.events.publish(job_id, *status_event(job_id, "queued", {}))  # before a worker can start it
         self._enqueue(record)
         return self.get(job_id), True
 
