@@ -44,7 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # One pool for the streams and the webhook sender; a blocked XREAD holds one connection.
     app.state.events_redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.sse_max_streams + settings.webhook_max_concurrency + 8,
-        timeout=5, socket_connect_timeout=1))
+        timeout=5, socket_connect_timeout=1, socket_timeout=RUNNING_POLL_MS / 1000 + 10))
     app.state.sse_streams = StreamSlots(settings.sse_max_streams)
     sender = None
     if settings.webhook_secret is not None:

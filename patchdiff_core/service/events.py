@@ -85,8 +85,9 @@ def status_event(job_id: str, status: str, fields: dict[str, Any]) -> tuple[str,
     data: dict[str, Any] = {"status": status}
     if status == "queued":
         data["reason"] = fields.get("error") or "submitted"  # a requeue says why
-    elif status == "started":
+    elif status == "running":
         data.update(worker=fields.get("worker"), attempt=int(fields.get("attempts") or 1))
+        return "started", data
     elif status == "finished":
         n = int(fields.get("num_results") or 0)
         data.update(num_results=n, links=result_links(job_id, n))
