@@ -28,6 +28,13 @@ DOCS_FILES = {
     "favicon.png": "image/png",
 }
 
+# Nothing on these pages may load from elsewhere; the CSP makes the browser enforce it (ReDoc's
+# footer would otherwise fetch the Redocly logo from its CDN). Inline scripts: Swagger UI's and
+# ReDoc's start-up snippets.
+PAGE_CSP = "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'"
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
+
 # The page and the docs need no API key: they only load the public API, which asks for one.
 router = APIRouter(include_in_schema=False)
 
@@ -40,7 +47,8 @@ def _file(directory: Path, table: dict[str, str], name: str) -> FileResponse:
 
 @router.get("/", response_class=HTMLResponse)
 def page() -> FileResponse:
-    return FileResponse(PAGE_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(PAGE_DIR / "index.html", media_type="text/html",
+                        headers={"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP})
 
 
 @router.get("/static/{name}")
@@ -60,18 +68,22 @@ def _root(request: Request) -> str:
 @router.get("/docs", response_class=HTMLResponse)
 def swagger_ui(request: Request) -> HTMLResponse:
     root = _root(request)
-    return get_swagger_ui_html(
+    html = get_swagger_ui_html(
         openapi_url=root + request.app.openapi_url, title=f"{request.app.title} - Swagger UI",
         swagger_js_url=f"{root}/static/docs/swagger-ui-bundle.js", swagger_css_url=f"{root}/static/docs/swagger-ui.css",
         swagger_favicon_url=f"{root}/static/docs/favicon.png",
     )
+    html.headers["Content-Security-Policy"] = DOCS_CSP
+    return html
 
 
 @router.get("/redoc", response_class=HTMLResponse)
 def redoc(request: Request) -> HTMLResponse:
     root = _root(request)
-    return get_redoc_html(
+    html = get_redoc_html(
         openapi_url=root + request.app.openapi_url, title=f"{request.app.title} - ReDoc",
         redoc_js_url=f"{root}/static/docs/redoc.standalone.js",
         redoc_favicon_url=f"{root}/static/docs/favicon.png", with_google_fonts=False,
     )
+    html.headers["Content-Security-Policy"] = DOCS_CSP
+    return html
