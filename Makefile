@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test serve bench clean
+.PHONY: install test serve bench clean browser-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ bench: install
 	$(PY) benchmarks/flops.py
 	$(PY) benchmarks/forward.py --quick
 	$(PY) benchmarks/service_overhead.py
+
+# Debian's Chromium for tests/test_web_page.py (Playwright drives it; no browser is downloaded).
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

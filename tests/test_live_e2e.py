@@ -25,6 +25,7 @@ LIVE_ENV = {
     "PATCHDIFF_SSE_KEEPALIVE_S": "1",
     "PATCHDIFF_WEBHOOK_SECRET": SECRET,
     "PATCHDIFF_WEBHOOK_BACKOFF_S": "0.2",
+    "PATCHDIFF_SSE_MAX_STREAMS": "2",
 }
 
 
@@ -96,7 +97,7 @@ def test_events_queued_progress_previews_finished(live):
 
 def test_reconnect_with_last_event_id_loses_nothing(live):
     url, _, _ = live
-    job = submit(url, num_images=2, seed=5, timesteps="1000")
+    job = submit(url, num_images=1, seed=5, timesteps="200")
     first = read_events(f"{url}/jobs/{job['id']}/events",
                         stop=lambda evs: sum(e.event == "progress" for e in evs) >= 5)
     time.sleep(0.3)  # events go on while this client is away
@@ -147,6 +148,27 @@ def test_events_and_preview_errors(live):
     bad = httpx.get(f"{url}/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"})
     assert bad.status_code == 422 and "Last-Event-ID" in json.dumps(bad.json()["detail"][0]["loc"])
     wait_status(url, job["id"])
+
+
+def test_concurrent_streams_are_bounded(live):
+    url, _, _ = live
+    job = submit(url, num_images=1, seed=8, timesteps="1000")
+    events_url = f"{url}/jobs/{job['id']}/events"
+    timeout = httpx.Timeout(30)
+    with httpx.stream("GET", events_url, timeout=timeout) as one, httpx.stream("GET", events_url, timeout=timeout) as two:
+        assert one.status_code == two.status_code == 200
+        third = httpx.get(events_url, timeout=timeout)
+        assert third.status_code == 429 and third.headers["retry-after"]
+    # Closed streams free their slots (the server notices the disconnect).
+    wait_until(lambda: httpx.get(f"{url}/jobs/{job['id']}/preview.png?x").status_code in (200, 404) and
+               _stream_opens(events_url), 10, "a free slot")
+    httpx.delete(f"{url}/jobs/{job['id']}")
+    wait_status(url, job["id"])
+
+
+def _stream_opens(events_url: str) -> bool:
+    with httpx.stream("GET", events_url, timeout=httpx.Timeout(30)) as response:
+        return response.status_code == 200
 
 
 class Receiver:
