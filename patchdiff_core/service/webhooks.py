@@ -146,16 +146,22 @@ class WebhookSender:
         self.tasks: set[asyncio.Task] = set()
         self.http = httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False)
 
-    async def run(self) -> None:
+    async def _ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(WEBHOOK_STREAM, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def run(self) -> None:
         next_claim = 0.0
+        group_ready = False
         try:
             while True:
                 try:
+                    if not group_ready:
+                        await self._ensure_group()
+                        group_ready = True
                     if time.monotonic() >= next_claim:
                         await self._claim_stale()
                         next_claim = time.monotonic() + CLAIM_IDLE_MS / 4000
@@ -163,6 +169,10 @@ class WebhookSender:
                     await self._new_deliveries()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("webhook sender: Redis unavailable (%s); retrying", exc)
+                    await asyncio.sleep(1)
+                except redis.ResponseError as exc:  # e.g. NOGROUP after Redis came back empty
+                    log.warning("webhook sender: %s; setting up again", exc)
+                    group_ready = False
                     await asyncio.sleep(1)
         finally:
             for task in self.tasks:
