@@ -137,3 +137,59 @@ def test_live_routes_need_the_api_key_and_the_page_does_not(redis_url, tmp_path)
         assert "default-src 'self'" in client.get("/").headers["content-security-policy"]
         for path in ["/static/index.html", "/static/..%2Fweb.py", "/static/docs/..%2F..%2Fweb.py", "/static/docs/consts.py"]:
             assert client.get(path).status_code == 404, path
+
+
+def test_sender_connects_to_the_checked_address_and_signs(redis_url):
+    """One delivery through WebhookSender: to the resolved address, Host kept, signature valid, status kept."""
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import redis.asyncio as aioredis
+    from standardwebhooks.webhooks import Webhook
+
+    from patchdiff_core.service.webhooks import WebhookSender, delivery_status
+
+    got = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append((dict(self.headers), self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    secret = "whsec_" + "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="
+    settings = Settings(redis_url=redis_url, webhook_secret=secret, webhook_allow_private=True, public_url="http://api:1")
+    job_id = new_job_id()
+    delivery = {"job_id": job_id, "event_id": "5-0", "event": "finished", "attempt": 1,
+                "url": f"http://localhost:{port}/hook",
+                "data": json.dumps({"job_id": job_id, "status": "finished", "links": {"grid": f"/jobs/{job_id}/grid.png"}})}
+
+    async def deliver():
+        conn = aioredis.Redis.from_url(redis_url)
+        sender = WebhookSender(conn, settings, "test")
+        try:
+            await sender._attempt(delivery)
+        finally:
+            await sender.http.aclose()
+            await conn.aclose()
+
+    try:
+        asyncio.run(deliver())
+    finally:
+        server.shutdown()
+    (headers, body), = got
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert headers["host"] == f"localhost:{port}" and headers["webhook-id"] == f"{job_id}.5-0"
+    payload = Webhook(secret).verify(body, headers)
+    assert payload["type"] == "job.finished" and payload["data"]["links"]["grid"] == f"http://api:1/jobs/{job_id}/grid.png"
+    status, = delivery_status(redis.Redis.from_url(redis_url), job_id)
+    assert status["status"] == "delivered" and status["http_status"] == 200 and status["attempts"] == 1

@@ -100,13 +100,17 @@ def check_target(url: str, settings: Settings) -> None:
     check_addresses(host, sorted({info[4][0] for info in infos}), settings)
 
 
-async def check_target_async(url: str, settings: Settings) -> None:
+async def resolve_target(url: str, settings: Settings) -> str:
+    """The checked address to connect to for `url` (the request then goes to that address, so a
+    DNS answer that changes between the check and the connection cannot redirect it)."""
     host, port = check_url_syntax(url, settings)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         infos = []
-    check_addresses(host, sorted({info[4][0] for info in infos}), settings)
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    check_addresses(host, addresses, settings)
+    return addresses[0]
 
 
 def check_events(events: list[str] | None) -> list[str]:
@@ -227,8 +231,8 @@ class WebhookSender:
         outcome: dict[str, Any] = {"event_id": delivery["event_id"], "event": delivery["event"], "attempts": attempt,
                                    "at": time.time(), "http_status": None, "error": None}
         try:
-            await check_target_async(delivery["url"], self.settings)  # again: DNS may have changed
-            response = await self._post(delivery)
+            address = await resolve_target(delivery["url"], self.settings)  # again: DNS may have changed
+            response = await self._post(delivery, address)
             outcome["http_status"] = response.status_code
             if 200 <= response.status_code < 300:
                 outcome["status"] = "delivered"
@@ -249,7 +253,7 @@ class WebhookSender:
             await self.redis.zadd(RETRY_KEY, {json.dumps({**delivery, "attempt": attempt + 1}): time.time() + delay})
         await self._record(delivery["job_id"], outcome)
 
-    async def _post(self, delivery: dict) -> httpx.Response:
+    async def _post(self, delivery: dict, address: str) -> httpx.Response:
         data = absolute_links(json.loads(delivery["data"]), self.settings.base_url)
         data.get("preview", {}).pop("png_base64", None)  # a link is enough; keeps bodies small
         now = datetime.now(timezone.utc)
@@ -263,7 +267,12 @@ class WebhookSender:
             "webhook-signature": self.signer.sign(msg_id, now, body),
             "user-agent": "patchdiff-webhooks",
         }
-        return await self.http.post(delivery["url"], content=body.encode(), headers=headers)
+        # Connect to the checked address; the Host header and TLS (SNI, certificate) keep the name.
+        url = httpx.URL(delivery["url"])
+        headers["host"] = url.netloc.decode("ascii")
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        return await self.http.post(url.copy_with(host=address), content=body.encode(), headers=headers,
+                                    extensions=extensions)
 
     async def _record(self, job_id: str, outcome: dict[str, Any]) -> None:
         key = status_key(job_id)
