@@ -18,7 +18,7 @@ BASE_PORT ?= $(PATCHDIFF_TEST_BASE_PORT)
 # make test PYTEST_ARGS='-k docker -x'
 PYTEST_ARGS ?=
 
-.PHONY: install test serve bench compose-test compose-config lock clean
+.PHONY: install test serve bench compose-test compose-config lock clean browser-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ compose-config:
 # Regenerate docker/requirements/*.txt (the versions the images install) in throwaway venvs.
 lock:
 	bash docker/lock.sh
+
+# Debian's Chromium for tests/test_web_page.py (Playwright drives it; no browser is downloaded).
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

@@ -21,6 +21,8 @@ from patchdiff_core.service.redis_conn import api_redis, api_redis_async
 from patchdiff_core.service.settings import Settings, get_settings
 from patchdiff_core.service.store import ObjectStore, make_store, result_key
 
+from . import events as live_events
+from . import web
 from .deps import BaseUrl, CallerDep, Jobs, SettingsDep, Store, VisibleJob, require_api_key
 from .janitor import delete_expired
 from .limits import BodySizeLimit, check_submit_rate, validation_error
@@ -28,6 +30,7 @@ from .metrics import JobMetrics
 from .observe import RequestObserver, register_process_metrics
 from .schemas import ErrorBody, GenerateRequest, Health, JobView, ModelView
 from .service import NotServed, build_spec, job_view, model_views, request_fingerprint
+from .webhook import checked_webhook
 
 log = logging.getLogger("patchdiff.api")
 
@@ -78,7 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Patch Diffusion as a service: queue a sampling job, poll it, download the PNGs.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from api.web, with their assets served offline
+        redoc_url=None,
     )
+    app.include_router(live_events.router)  # /jobs/{id}/events, /jobs/{id}/preview.png, webhook sender
+    app.include_router(web.router)  # the page at /, /docs, /redoc
     app.state.settings = settings
     app.state.jobs = jobs
     app.state.store = store
@@ -118,10 +125,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except NotServed as exc:
             raise HTTPException(status_code=503, detail=str(exc),
                                 headers={"Retry-After": str(settings.retry_after_s)}) from None
+        webhook, webhook_events = checked_webhook(req, settings)
         if settings.api_keys or settings.admin_keys:
             check_submit_rate(jobs, caller.owner, settings.submit_rate_per_minute)
         try:
-            record, created = jobs.submit(spec, req.idempotency_key, request_fingerprint(req), caller.owner, cost)
+            record, created = jobs.submit(spec, req.idempotency_key, request_fingerprint(req), caller.owner, cost,
+                                          webhook, webhook_events)
         except IdempotencyConflict as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         except OverCapacity as exc:

@@ -7,7 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from patchdiff_core.diffusion.names import SamplerName
 from patchdiff_core.generation.registry import SamplingDefaults
 from patchdiff_core.generation.spec import GenerationSpec
+from patchdiff_core.service.events import EventName
 from patchdiff_core.service.jobs import Status
+
+from .live_schemas import WebhookView
 
 
 class GenerateRequest(BaseModel):
@@ -25,6 +28,10 @@ class GenerateRequest(BaseModel):
     guidance: float | None = Field(default=None, description="classifier-free guidance weight; 1.0 = none")
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    webhook: str | None = Field(default=None, max_length=8192, description="URL that gets this job's events, signed "
+                                "(Standard Webhooks); public http(s) targets only unless the server allows private ones")
+    webhook_events: list[EventName] | None = Field(default=None, max_length=6, description="events sent to the webhook; "
+                                                   "default all but progress")
 
     @model_validator(mode="after")
     def _one_way_to_give_labels(self) -> "GenerateRequest":
@@ -66,6 +73,7 @@ class JobView(BaseModel):
     worker: str | None = None
     cancel_requested: bool
     links: Links
+    webhook: WebhookView | None = Field(default=None, description="the job's webhook and its deliveries")
 
 
 class ModelView(BaseModel):

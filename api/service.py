@@ -79,6 +79,8 @@ def request_fingerprint(req: GenerateRequest) -> str:
 
 
 def job_view(record: JobRecord, jobs: JobStore, base_url: str) -> JobView:
+    from .webhook import webhook_view  # here: api.webhook imports this module
+
     now = time.time()
     job_url = f"{base_url}/jobs/{record.id}"
     links = Links(self=job_url)
@@ -112,6 +114,7 @@ def job_view(record: JobRecord, jobs: JobStore, base_url: str) -> JobView:
         worker=record.worker,
         cancel_requested=record.cancel_requested,
         links=links,
+        webhook=webhook_view(record, jobs.redis),
     )
 
 

@@ -51,4 +51,5 @@ def test_openapi_describes_the_contract(app_with_keys):
     assert {"/generate", "/jobs/{job_id}", "/jobs/{job_id}/grid.png", "/models", "/metrics"} <= set(spec["paths"])
     fields = spec["components"]["schemas"]["GenerateRequest"]["properties"]
     assert {"model", "num_images", "class_label", "class_labels", "timesteps", "sampler", "guidance", "seed",
-            "idempotency_key"} == set(fields)
+            "idempotency_key", "webhook", "webhook_events"} == set(fields)
+    assert {"/jobs/{job_id}/events", "/jobs/{job_id}/preview.png"} <= set(spec["paths"])

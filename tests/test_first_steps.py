@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import service_harness
 
 REPO = Path(__file__).resolve().parent.parent

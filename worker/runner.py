@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import redis
 import torch
 from rq import Queue
@@ -28,7 +29,8 @@ from rq.exceptions import DequeueTimeout
 from rq.serializers import JSONSerializer
 
 from patchdiff_core.generation.engine import BatchEngine, RequestInFlight, StepReport, images_uint8
-from patchdiff_core.generation.images import make_grid, png_bytes
+from patchdiff_core.generation.images import make_grid, png_bytes, to_uint8
+from patchdiff_core.generation.preview import preview_png
 from patchdiff_core.service.jobs import JobRecord, JobStore
 from patchdiff_core.service.store import ObjectStore, attempt_prefix, result_key
 
@@ -43,6 +45,8 @@ class HeldJob:
     attempt: int  # the fencing token: every write of this job names it
     admitted_at: float = field(default_factory=time.perf_counter)
     last_step_at: float = field(default_factory=time.perf_counter)
+    preview_step: int = -(10**9)  # image-steps at the last preview
+    preview_at: float = -(10**9)  # time.monotonic() of the last preview
 
 
 class EngineRunner:
@@ -141,7 +145,10 @@ class EngineRunner:
             for r in moved
         ])
         for request in moved:
-            self.held[request.id].last_step_at = now
+            held = self.held[request.id]
+            held.last_step_at = now
+            # Live progress for /jobs/{id}/events and webhooks (throttled there and here).
+            self.jobs.events.progress(request.id, request.image_steps, request.total_steps, self._preview(held, request))
         for job_id, verdict in verdicts.items():
             if verdict == 0:
                 continue
@@ -156,6 +163,25 @@ class EngineRunner:
                 held = self.held.pop(request.id)
                 self.publishing[request.id] = self.publisher.submit(self._write_results, held, request)
                 self.publishing[request.id].add_done_callback(lambda _f, i=request.id: self.publishing.pop(i, None))
+
+    def _preview(self, held: HeldJob, request: RequestInFlight) -> bytes | None:
+        """The job's grid as the engine now predicts it (x0 of its running images, the final x0 of its
+        done ones, black for those not started), as a small PNG, when one is due: every
+        `preview_every_steps` of the job's steps and at most every `preview_min_interval_s`."""
+        settings = self.jobs.settings
+        now = time.monotonic()
+        per_step = max(1, len(request.running))  # image-steps of one step of the job, now
+        if (request.image_steps - held.preview_step < settings.preview_every_steps * per_step
+                or now - held.preview_at < settings.preview_min_interval_s) and not request.done:
+            return None
+        held.preview_step, held.preview_at = request.image_steps, now
+        res = request.model.config.res
+        canvas = np.zeros((request.spec.num_images, res, res, 3), np.uint8)
+        latest = {image.index: image.x0 for image in request.running if image.x0 is not None} | request.results
+        if latest:
+            indices = sorted(latest)
+            canvas[indices] = to_uint8(torch.stack([latest[i] for i in indices]))
+        return preview_png(canvas, settings.preview_max_side)
 
     def _write_results(self, held: HeldJob, request: RequestInFlight) -> None:
         record = held.record

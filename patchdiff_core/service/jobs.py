@@ -36,6 +36,7 @@ from rq.serializers import JSONSerializer
 
 from patchdiff_core.generation.spec import GenerationSpec
 from patchdiff_core.service import lua
+from patchdiff_core.service.events import JobEvents, status_event
 from patchdiff_core.service.settings import Settings
 
 Status = Literal["queued", "running", "finished", "failed", "cancelled"]
@@ -70,6 +71,8 @@ class JobRecord(BaseModel):
     idempotency_key: str | None = None
     owner: str = ""  # the tenant: a hash of the API key that created it ("" with auth off)
     cost: int = 0
+    webhook: str | None = None  # delivery URL (checked at submit: scheme, length, no private target)
+    webhook_events: str | None = None  # comma-separated event names sent to the webhook
     # Not stored: filled in by `get(..., with_position=True)` for queued jobs.
     queue_position: int | None = None
 
@@ -112,6 +115,7 @@ class JobStore:
         self._aget_script = None
         self.settings = settings
         self._queues: dict[str, Queue] = {}
+        self.events = JobEvents(conn, settings)  # every status transition appends a job event
         self._transition = conn.register_script(lua.TRANSITION)
         self._submit = conn.register_script(lua.SUBMIT)
         self._heartbeat = conn.register_script(lua.HEARTBEAT)
@@ -170,12 +174,13 @@ class JobStore:
         if not result:
             return None
         previous, new_attempt, attempts = result
+        self.events.publish(job_id, *status_event(job_id, status, fields))
         return (previous.decode() if isinstance(previous, bytes) else previous), int(new_attempt), int(attempts)
 
     # -- API side --------------------------------------------------------------------------
     def submit(
         self, spec: GenerationSpec, idempotency_key: str | None = None, fingerprint: str = "", owner: str = "",
-        cost: int = 0,
+        cost: int = 0, webhook: str | None = None, webhook_events: list[str] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Create and enqueue a job; returns (record, created).
 
@@ -187,7 +192,8 @@ class JobStore:
         job_id = new_job_id()
         now = time.time()
         record = JobRecord(id=job_id, status="queued", spec=spec, created_at=now, enqueued_at=now, attempt=1,
-                           rq_id=f"{job_id}-1", idempotency_key=idempotency_key, owner=owner, cost=cost)
+                           rq_id=f"{job_id}-1", idempotency_key=idempotency_key, owner=owner, cost=cost,
+                           webhook=webhook, webhook_events=",".join(webhook_events or []) or None)
         idem_key = ""
         if idempotency_key:
             digest = hashlib.sha256(f"{owner}\0{idempotency_key}".encode()).hexdigest()
@@ -210,6 +216,7 @@ class JobStore:
             return existing, False
         if outcome == "over":
             raise OverCapacity(result[1].decode(), int(float(result[2])), int(float(result[3])))
+        self.events.publish(job_id, *status_event(job_id, "queued", {}))  # before a worker can start it
         self._enqueue(record)
         return record, True
 

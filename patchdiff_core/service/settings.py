@@ -76,6 +76,24 @@ class Settings(BaseSettings):
     redis_retry_max_s: float = Field(default=2.0, gt=0)  # workers: longest wait between Redis reconnect attempts
     log_format: Literal["json", "text"] = "json"
 
+    # Live progress (issue 11): job event streams, previews, SSE, webhooks.
+    events_max_len: int = Field(default=2000, ge=10)  # events kept per job (a Redis Stream, trimmed)
+    progress_event_interval_s: float = Field(default=0.25, ge=0)  # at most one progress event per job this often
+    preview_every_steps: int = Field(default=10, ge=1)  # a preview at most every k steps...
+    preview_min_interval_s: float = Field(default=1.0, ge=0)  # ...and at most this often per job
+    preview_max_side: int = Field(default=256, ge=16, le=2048)  # the preview grid is downscaled to fit
+    preview_inline_max_bytes: int = Field(default=16384, ge=0)  # smaller previews ride inline in the event
+    sse_max_streams: int = Field(default=100, ge=1)  # concurrent /events streams per API process
+    sse_keepalive_s: float = Field(default=15.0, gt=0)  # comment line when nothing else was sent
+    sse_max_stream_s: float = Field(default=3600.0, gt=0)  # then the server closes; clients resume by Last-Event-ID
+    webhook_secret: SecretStr | None = None  # "whsec_<base64>" (Standard Webhooks); unset: webhooks refused
+    webhook_allow_private: bool = False  # allow loopback/private/link-local targets (SSRF guard off)
+    webhook_max_url_length: int = Field(default=2048, ge=16)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=6, ge=1)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)  # retry after b, 2b, 4b, ... seconds
+    webhook_max_concurrency: int = Field(default=16, ge=1)  # deliveries in flight per API process
+
     @field_validator("api_keys", "admin_keys", "worker_models", "allowed_samplers", mode="before")
     @classmethod
     def _comma_list(cls, value):

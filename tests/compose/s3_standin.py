@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import boto3
 from moto.server import ThreadedMotoServer

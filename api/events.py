@@ -1,0 +1,179 @@
+"""Live progress routes: `GET /jobs/{id}/events` (Server-Sent Events), `GET /jobs/{id}/preview.png`.
+
+Streams are async end to end (redis.asyncio XREAD BLOCK on the job's event stream): a client holds
+a Redis connection while it waits, never a thread. They are bounded: `sse_max_streams` per API
+process (429 past it), a keep-alive comment every `sse_keepalive_s`, and the server closes a stream
+after the job's terminal event or after `sse_max_stream_s` (the client resumes with Last-Event-ID).
+
+This router's lifespan also runs the webhook sender (`patchdiff_core.service.webhooks`) when
+`PATCHDIFF_WEBHOOK_SECRET` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from patchdiff_core.service.events import STREAM_ID, TERMINAL_EVENTS, preview_key, read_events, status_event
+from patchdiff_core.service.jobs import TERMINAL, JobRecord, JobStore
+from patchdiff_core.service.settings import Settings
+from patchdiff_core.service.webhooks import WebhookSender, absolute_links
+
+from .deps import BaseUrl, Jobs, SettingsDep, VisibleJob, require_api_key  # VisibleJob: tenant rules
+
+log = logging.getLogger("patchdiff.api.events")
+
+QUEUED_POLL_MS = 1000  # how often a waiting job's queue position is read
+RUNNING_POLL_MS = 5000  # how long to wait for an event before looking at the job's status
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    # One pool for the streams and the webhook sender; a blocked XREAD holds one connection.
+    app.state.events_redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.sse_max_streams + settings.webhook_max_concurrency + 8,
+        timeout=5, socket_connect_timeout=1, socket_timeout=RUNNING_POLL_MS / 1000 + 10))
+    app.state.sse_streams = StreamSlots(settings.sse_max_streams)
+    sender = None
+    if settings.webhook_secret is not None:
+        consumer = f"{socket.gethostname()}-{os.getpid()}"
+        sender = asyncio.create_task(WebhookSender(app.state.events_redis, settings, consumer).run())
+    yield
+    if sender is not None:
+        sender.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await sender
+    await app.state.events_redis.aclose()
+
+
+router = APIRouter(tags=["live progress"], dependencies=[Depends(require_api_key)], lifespan=lifespan)
+
+
+class StreamSlots:
+    """Counts open SSE streams; `release` is idempotent, so every exit path may call it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.open = limit, set()
+
+    def acquire(self) -> object | None:
+        if len(self.open) >= self.limit:
+            return None
+        token = object()
+        self.open.add(token)
+        return token
+
+    def release(self, token: object) -> None:
+        self.open.discard(token)
+
+
+def events_redis(request: Request) -> aioredis.Redis:
+    return request.app.state.events_redis
+
+
+EventsRedis = Annotated[aioredis.Redis, Depends(events_redis)]
+
+EVENTS_DOC = """Server-Sent Events for one job, oldest first:
+
+- `queued` (stored when the job is submitted or requeued; while it waits, more `queued` events
+  without an id carry its `queue_position` whenever that changes),
+- `started`, then `progress` (`step`, `total`, `fraction`, and every few steps a `preview`: a link
+  to `/jobs/{id}/preview.png` and, when small, the PNG inline as base64),
+- one terminal event: `finished` (with `links` to the results), `failed` or `cancelled` (with a
+  `reason`), after which the server closes the stream.
+
+Every stored event has an `id`; reconnect with `Last-Event-ID: <id>` (browsers' EventSource does it
+by itself) to get exactly the events after it. Comment lines keep idle connections open. `data` is
+JSON (`JobEventData`)."""
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse, description=EVENTS_DOC,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
+                       404: {"description": "unknown job"}, 429: {"description": "too many open streams"}})
+async def job_events(
+    record: VisibleJob, request: Request, jobs: Jobs, settings: SettingsDep, base: BaseUrl, aconn: EventsRedis,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", pattern=STREAM_ID.pattern,
+                                                description="resume after this event id")] = None,
+    after: Annotated[str | None, Query(pattern=STREAM_ID.pattern,
+                                       description="the same as Last-Event-ID, for clients that cannot set headers")] = None,
+) -> EventSourceResponse:
+    slots: StreamSlots = request.app.state.sse_streams
+    token = slots.acquire()
+    if token is None:
+        raise HTTPException(status_code=429, detail=f"at most {slots.limit} event streams at once; try again later",
+                            headers={"Retry-After": "5"})
+    start = last_event_id or after or "0-0"
+    stream = _job_stream(record, start, aconn, jobs, settings, base, lambda: slots.release(token))
+    return EventSourceResponse(stream, ping=settings.sse_keepalive_s, headers={"Cache-Control": "no-store"})
+
+
+def _sse(event: str, data: dict, base: str, event_id: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(absolute_links(data, base), separators=(",", ":")), event=event, id=event_id)
+
+
+async def _job_stream(record: JobRecord, after: str, aconn: aioredis.Redis, jobs: JobStore, settings: Settings,
+                      base: str, release) -> AsyncIterator[ServerSentEvent]:
+    job_id = record.id
+    deadline = time.monotonic() + settings.sse_max_stream_s
+    waiting = record.status == "queued"
+    position_sent: int | None = None
+    try:
+        while time.monotonic() < deadline:
+            events = await read_events(aconn, job_id, after, QUEUED_POLL_MS if waiting else RUNNING_POLL_MS)
+            for event in events:
+                after = event.id
+                yield _sse(event.event, event.data, base, event.id)
+                if event.event in TERMINAL_EVENTS:
+                    return
+                if event.event == "queued":
+                    position_sent = None  # a requeue: send the new position
+            status, rq_id = await aconn.hmget(jobs.job_key(job_id), "status", "rq_id")
+            if status is None:
+                return  # the job expired
+            status = status.decode()
+            if status in TERMINAL and not events:
+                # Its terminal event is appended just after the status moves; if it is not there
+                # even now (a stream trimmed or expired before this job ended), say it without an id.
+                late = await read_events(aconn, job_id, after, 500)
+                for event in late:
+                    yield _sse(event.event, event.data, base, event.id)
+                if not any(e.event in TERMINAL_EVENTS for e in late):
+                    final = await asyncio.to_thread(jobs.get, job_id)
+                    if final is not None:
+                        name, data = status_event(job_id, final.status, {"error": final.error,
+                                                                          "num_results": final.num_results})
+                        yield _sse(name, {"job_id": job_id, **data}, base)
+                return
+            waiting = status == "queued"
+            if waiting and rq_id:
+                position = await aconn.lpos(jobs.queue.key, rq_id.decode())
+                if position is not None and position != position_sent:
+                    position_sent = position
+                    yield _sse("queued", {"job_id": job_id, "status": "queued", "queue_position": position}, base)
+    finally:
+        release()
+
+
+@router.get("/jobs/{job_id}/preview.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the latest preview of the job's grid"},
+                       404: {"description": "unknown job, or no preview yet"}})
+async def job_preview(
+    record: VisibleJob, aconn: EventsRedis,
+    step: Annotated[int | None, Query(ge=0, description="ignored: lets each progress event link a distinct URL")] = None,
+) -> Response:
+    """The newest x0 prediction of the job's grid, downscaled; it changes as the job runs."""
+    data = await aconn.get(preview_key(record.id))
+    if data is None:
+        raise HTTPException(status_code=404, detail=f"job {record.id} has no preview yet ({record.status})")
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

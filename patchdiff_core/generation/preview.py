@@ -1,0 +1,26 @@
+"""Live previews: the job's grid as the sampler currently predicts it, as a small PNG.
+
+A patched model predicts x0 at every step, so a preview costs one device-to-host copy, a grid and a
+PNG encode; the worker (`worker/runner.py`) makes one at most every `preview_every_steps` steps and
+every `preview_min_interval_s` seconds, so a 256-image job does not flood its viewers (or the worker).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from patchdiff_core.generation.images import make_grid
+
+
+def preview_png(images: np.ndarray, max_side: int = 256) -> bytes:
+    """[N,H,W,3] uint8 -> the grid as PNG bytes, downscaled (never enlarged) to fit `max_side`."""
+    grid = Image.fromarray(make_grid(images))
+    scale = max_side / max(grid.size)
+    if scale < 1:
+        grid = grid.resize((max(1, round(grid.width * scale)), max(1, round(grid.height * scale))), Image.BILINEAR)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG", compress_level=1)  # speed over size: it is sent once and replaced
+    return buffer.getvalue()
