@@ -4,7 +4,6 @@ every answered status code documented, content types and bodies as documented.""
 import time
 
 import pytest
-import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi import checks as openapi_checks
