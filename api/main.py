@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics_registry.register(JobMetrics(jobs))
     register_process_metrics(metrics_registry)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestObserver, registry=metrics_registry)  # outermost: sees the 413s too
+    app.add_middleware(RequestObserver, registry=metrics_registry, access_log=settings.access_log)  # outermost: sees the 413s too
     app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.exception_handler(redis.ConnectionError)

@@ -18,8 +18,8 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 
 class RequestObserver:
-    def __init__(self, app: ASGIApp, registry: CollectorRegistry):
-        self.app = app
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry, access_log: bool = True):
+        self.app, self.access_log = app, access_log
         self.requests = Counter("patchdiff_http_requests", "HTTP requests answered, by route and status",
                                 ["method", "route", "status"], registry=registry)
         self.latency = Histogram("patchdiff_http_request_duration_seconds", "HTTP request latency (this process)",
@@ -46,10 +46,11 @@ class RequestObserver:
             method = scope["method"]
             self.requests.labels(method, route, str(status)).inc()
             self.latency.labels(method, route).observe(elapsed)
-            client = scope.get("client")
-            access_log.info("%s %s %d", method, scope["path"], status, extra={
-                "method": method, "path": scope["path"], "route": route, "status": status,
-                "duration_ms": round(elapsed * 1e3, 2), "client": client[0] if client else None})
+            if self.access_log:
+                client = scope.get("client")
+                access_log.info("%s %s %d", method, scope["path"], status, extra={
+                    "method": method, "path": scope["path"], "route": route, "status": status,
+                    "duration_ms": round(elapsed * 1e3, 2), "client": client[0] if client else None})
 
 
 def register_process_metrics(registry: CollectorRegistry) -> None:

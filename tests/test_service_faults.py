@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from service_harness import Processes, RedisServer, free_port, service_env, wait_until
-from test_service_e2e import TERMINAL, wait_job, weights  # noqa: F401 - the module's weights fixture
+from test_service_e2e import wait_job, weights  # noqa: F401 - weights is a fixture
 
 pytestmark = pytest.mark.slow
 

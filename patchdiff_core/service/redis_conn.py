@@ -1,7 +1,8 @@
 """Redis clients for the API and the workers: how each behaves while Redis is away. Torch-free.
 
-- The API fails fast (1 s connect timeout, no retry): a request answers 503 at once, and the
-  next request reconnects by itself when Redis is back.
+- The API fails fast (1 s connect timeout, one immediate retry on a fresh connection, so a pooled
+  connection that Redis closed while it restarted costs no error): with Redis away a request answers
+  503 at once, and requests reconnect by themselves when it is back.
 - Workers retry every command forever (exponential backoff up to `redis_retry_max_s`), so an outage
   of any length only pauses them: a running job waits at its next Redis call and goes on. Each
   attempt logs one line, not a traceback. redis-py's own `Retry` does the work; the subclass only
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -34,14 +36,16 @@ class LoggedRetry(Retry):
 
 def api_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=3, health_check_interval=10,
-                                retry=Retry(ExponentialBackoff(), 0))
+                                retry=Retry(NoBackoff(), 1),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def api_redis_async(url: str):
     import redis.asyncio
 
     return redis.asyncio.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=3, health_check_interval=10,
-                                        retry=AsyncRetry(ExponentialBackoff(), 0))
+                                        retry=AsyncRetry(NoBackoff(), 1),
+                                        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def worker_redis(settings: Settings) -> redis.Redis:

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     janitor_interval_s: float = Field(default=60.0, gt=0)  # how often expired jobs' records and results are deleted
     redis_retry_max_s: float = Field(default=2.0, gt=0)  # workers: longest wait between Redis reconnect attempts
     log_format: Literal["json", "text"] = "json"
+    access_log: bool = True  # one JSON line per API request (costs some throughput on a busy API)
 
     # Live progress (issue 11): job event streams, previews, SSE, webhooks.
     events_max_len: int = Field(default=2000, ge=10)  # events kept per job (a Redis Stream, trimmed)
