@@ -146,7 +146,7 @@ def batch_curve(threads: int, sizes: list[int], repeats: int) -> None:
     torch.set_num_threads(threads)
     model = SamplingModel.load("digits", device="cpu")
     forward = model.forwards[0]
-    print(f"| rows per forward | ms per forward | ms per image | relative to 1 row |\n|--:|--:|--:|--:|")
+    print("| rows per forward | ms per forward | ms per image | relative to 1 row |\n|--:|--:|--:|--:|")
     base = None
     for b in sizes:
         x, t, y = torch.randn(b, 3, 32, 32), torch.full((b,), 500), torch.zeros(b, dtype=torch.long)

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from patchdiff_core.diffusion.samplers import make_denoiser, sample
-from patchdiff_core.diffusion.schedule import Schedule
 from patchdiff_core.generation.engine import BatchEngine
 from patchdiff_core.generation.pipeline import SamplingModel
 from patchdiff_core.generation.registry import RELEASED

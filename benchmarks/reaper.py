@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
+
 PROFILE = os.environ.get("PROFILE")
 import statistics
 import sys

@@ -14,9 +14,8 @@ from __future__ import annotations
 import logging
 
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from patchdiff_core.service.settings import Settings
