@@ -193,3 +193,12 @@ def test_sender_connects_to_the_checked_address_and_signs(redis_url):
     assert payload["type"] == "job.finished" and payload["data"]["links"]["grid"] == f"http://api:1/jobs/{job_id}/grid.png"
     status, = delivery_status(redis.Redis.from_url(redis_url), job_id)
     assert status["status"] == "delivered" and status["http_status"] == 200 and status["attempts"] == 1
+
+
+def test_job_preview_shrinks_on_the_device_before_copying():
+    preview = JobPreview(num_images=64, res=256, every_steps=1, min_interval_s=0, max_side=256)
+    assert preview.canvas.shape == (64, 29, 29, 3)  # 8 columns: (256 - 2) // 8 - 2
+    png = preview.update({"step": 1, "total": 10, "start": 0, "x0": torch.zeros(16, 3, 256, 256)})
+    image = Image.open(io.BytesIO(png))
+    assert image.size == (8 * 31 + 2, 8 * 31 + 2) and max(image.size) <= 256
+    assert (preview.canvas[:16] == 127).all() and (preview.canvas[16:] == 0).all()

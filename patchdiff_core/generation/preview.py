@@ -1,7 +1,7 @@
 """Live previews: the job's grid as the sampler currently predicts it, as a small PNG.
 
-A patched model predicts x0 at every step, so a preview costs one device-to-host copy of the batch,
-a grid and a PNG encode; `JobPreview` makes one at most every `every_steps` steps and every
+A patched model predicts x0 at every step, so a preview costs a downscale on the device (to the size
+each image has in the preview grid), a small device-to-host copy, a grid and a PNG encode; `JobPreview` makes one at most every `every_steps` steps and every
 `min_interval_s` seconds, so a 256-image job does not flood its viewers (or the worker).
 """
 
@@ -12,6 +12,8 @@ import math
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from patchdiff_core.generation.images import make_grid, to_uint8
@@ -38,7 +40,10 @@ class JobPreview:
 
     def __init__(self, num_images: int, res: int, every_steps: int = 10, min_interval_s: float = 1.0,
                  max_side: int = 256):
-        self.canvas = np.zeros((num_images, res, res, 3), np.uint8)
+        # Each image at the size it gets in a grid that fits max_side (2-pixel gaps), never larger.
+        columns = math.ceil(math.sqrt(num_images))
+        self.side = max(1, min(res, (max_side - 2) // columns - 2))
+        self.canvas = np.zeros((num_images, self.side, self.side, 3), np.uint8)
         self.every_steps, self.min_interval_s, self.max_side = every_steps, min_interval_s, max_side
         self.last_step = -math.inf
         self.last_time = -math.inf
@@ -59,8 +64,13 @@ class JobPreview:
         due = step - self.last_step >= self.every_steps and now - self.last_time >= self.min_interval_s
         if not (due or batch_done):
             return None
-        self.canvas[start : start + x0.shape[0]] = to_uint8(x0)
+        self.canvas[start : start + x0.shape[0]] = to_uint8(self._shrink(x0))
         if not due:
             return None  # copied for the grid only; the next due preview shows it
         self.last_step, self.last_time = step, now
         return preview_png(self.canvas, self.max_side)
+
+    def _shrink(self, x0: torch.Tensor) -> torch.Tensor:
+        if x0.shape[-1] == self.side:
+            return x0
+        return F.interpolate(x0.float(), size=(self.side, self.side), mode="area")  # on x0's device
