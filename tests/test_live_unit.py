@@ -9,7 +9,8 @@ import pytest
 import redis
 from PIL import Image
 
-from patchdiff_core.generation.preview import preview_png
+from patchdiff_core.generation.images import to_uint8
+from patchdiff_core.generation.preview import preview_png, shrink_for_preview
 from patchdiff_core.service.events import WEBHOOK_STREAM, JobEvents, stream_key
 from patchdiff_core.service.jobs import new_job_id
 from patchdiff_core.service.settings import Settings
@@ -168,3 +169,15 @@ def test_sender_connects_to_the_checked_address_and_signs(redis_url):
     assert payload["type"] == "job.finished" and payload["data"]["links"]["grid"] == f"http://api:1/jobs/{job_id}/grid.png"
     status, = delivery_status(redis.Redis.from_url(redis_url), job_id)
     assert status["status"] == "delivered" and status["http_status"] == 200 and status["attempts"] == 1
+
+
+def test_previews_shrink_on_the_device_before_copying():
+    import torch
+
+    small = shrink_for_preview(torch.zeros(16, 3, 256, 256), num_images=64, max_side=256)
+    assert small.shape == (16, 3, 29, 29)  # 8 columns: (256 - 2) // 8 - 2
+    assert shrink_for_preview(torch.zeros(4, 3, 32, 32), num_images=4).shape[-1] == 32  # never enlarged
+    canvas = np.zeros((64, 29, 29, 3), np.uint8)
+    canvas[:16] = to_uint8(small)
+    image = Image.open(io.BytesIO(preview_png(canvas, max_side=256)))
+    assert image.size == (8 * 31 + 2, 8 * 31 + 2) and max(image.size) <= 256

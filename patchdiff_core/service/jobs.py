@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -43,6 +44,7 @@ Status = Literal["queued", "running", "finished", "failed", "cancelled"]
 TERMINAL = ("finished", "failed", "cancelled")
 TASK = "worker.tasks.run_generation"
 PREFIX = "patchdiff"
+log = logging.getLogger("patchdiff.jobs")
 
 # Histogram buckets (seconds) for the job and step latencies exported on /metrics.
 JOB_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -174,7 +176,10 @@ class JobStore:
         if not result:
             return None
         previous, new_attempt, attempts = result
-        self.events.publish(job_id, *status_event(job_id, status, fields))
+        try:
+            self.events.publish(job_id, *status_event(job_id, status, fields))
+        except redis.RedisError as exc:  # the move happened; a lost event must not undo or stall it
+            log.warning("job %s: could not publish its %s event: %s", job_id, status, exc)
         return (previous.decode() if isinstance(previous, bytes) else previous), int(new_attempt), int(attempts)
 
     # -- API side --------------------------------------------------------------------------
