@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--large", type=int, default=128, help="the large job of (b)")
     parser.add_argument("--rates", default="2,4,8,16", help="arrival rates (jobs/s) for (c); empty to skip")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per rate")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the worker")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
     parser.add_argument("--max-batch", type=int, default=0, help="PATCHDIFF_ENGINE_MAX_BATCH (0 = the default)")
     parser.add_argument("--batch-curve", action="store_true", help="only print the cost per image by batch size")
     parser.add_argument("--sizes", default="1,2,4,8,16,32,64")
