@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 pytestmark = pytest.mark.slow
 SECRET = "whsec_" + "dGVzdC1zZWNyZXQtZm9yLXBhdGNoZGlmZi13ZWJob29rcw=="  # base64 of a test secret
 LIVE_ENV = {
+    "PATCHDIFF_ENGINE_MAX_JOBS": "1",  # one job at a time, so that a second one waits in the queue
     "PATCHDIFF_PROGRESS_EVENT_INTERVAL_S": "0",  # every step: the tests count them
     "PATCHDIFF_PREVIEW_EVERY_STEPS": "4",
     "PATCHDIFF_PREVIEW_MIN_INTERVAL_S": "0",
@@ -74,8 +75,10 @@ def test_events_queued_progress_previews_finished(live):
     assert all(e.data["job_id"] == job["id"] for e in events)
 
     steps = [e.data["step"] for e in events if e.event == "progress"]
-    assert steps == list(range(1, 25)), steps  # interval 0: one event per step
-    assert all(e.data["total"] == 24 for e in events if e.event == "progress")
+    # Interval 0: one event per engine step; progress counts network evaluations image by image,
+    # and the 4 images share every step (4 rows per forward).
+    assert steps == list(range(4, 4 * 24 + 1, 4)), steps
+    assert all(e.data["total"] == 4 * 24 for e in events if e.event == "progress")
     previews = [e.data["preview"] for e in events if e.event == "progress" and "preview" in e.data]
     assert 4 <= len(previews) <= 8  # every 4 steps (plus none between): 24 steps -> about 6
     for preview in previews:
@@ -225,7 +228,7 @@ def test_webhook_gets_every_selected_event_signed(live, receiver):
     time.sleep(0.5)  # deliveries run concurrently: let any stragglers land
     payloads = [verified(r) for r in receiver.at("/hook")]
     stream = [e for e in read_events(f"{url}/jobs/{job['id']}/events") if e.event in ("started", "progress", "finished")]
-    assert sorted(p["data"]["step"] for p in payloads if p["type"] == "job.progress") == list(range(1, 11))
+    assert sorted(p["data"]["step"] for p in payloads if p["type"] == "job.progress") == list(range(2, 21, 2))
     assert sorted(p["type"] for p in payloads) == sorted(f"job.{e.event}" for e in stream)
     finished = next(p for p in payloads if p["type"] == "job.finished")
     assert finished["data"]["links"]["grid"].endswith(f"/jobs/{job['id']}/grid.png")

@@ -16,7 +16,7 @@ from patchdiff_core.diffusion.names import SAMPLER_NAMES, SamplerName
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Rows per forward pass when PATCHDIFF_ENGINE_MAX_BATCH is 0 (see benchmarks/batching.py --batch-curve).
-ENGINE_AUTO_MAX_BATCH = {"cpu": 8, "cuda": 128}
+ENGINE_AUTO_MAX_BATCH = {"cpu": 4, "cuda": 128}
 
 
 class Settings(BaseSettings):
