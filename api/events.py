@@ -138,7 +138,7 @@ async def _job_stream(record: JobRecord, after: str, aconn: aioredis.Redis, jobs
                     return
                 if event.event == "queued":
                     position_sent = None  # a requeue: send the new position
-            status, rq_id = await aconn.hmget(jobs.job_key(job_id), "status", "rq_id")
+            status = await aconn.hget(jobs.job_key(job_id), "status")
             if status is None:
                 return  # the job expired
             status = status.decode()
@@ -156,8 +156,8 @@ async def _job_stream(record: JobRecord, after: str, aconn: aioredis.Redis, jobs
                         yield _sse(name, {"job_id": job_id, **data}, base)
                 return
             waiting = status == "queued"
-            if waiting and rq_id:
-                position = await aconn.lpos(jobs.queue.key, rq_id.decode())
+            if waiting:  # jobs of the same model ahead of this one, as GET /jobs/{id} reports it
+                position = await aconn.zrank(jobs.queued_key(record.spec.model), job_id)
                 if position is not None and position != position_sent:
                     position_sent = position
                     yield _sse("queued", {"job_id": job_id, "status": "queued", "queue_position": position}, base)
