@@ -6,7 +6,8 @@ API port only; `docker compose` (the command after `--`) restarts, stops and sta
    API from the S3 store and is a real image of the requested size.
 3. A second, longer job; the worker container is restarted while it runs (`restart --timeout 0`:
    killed at once, so the job is cut short whatever the machine's speed) -> the heartbeat reaper
-   requeues it and it still finishes, on attempt 2, on the restarted worker.
+   requeues it (the worker hands it back on SIGTERM, or the reaper requeues it if the kill came first)
+   and it still finishes on the restarted worker.
 4. `docker compose down` (volumes kept) -> `up` -> both finished jobs and their grids are still there,
    byte for byte (Redis AOF volume, S3 volume).
 """
@@ -111,8 +112,11 @@ def main() -> int:
     t = time.monotonic()
     sh("restart", "--timeout", "0", "worker")
     j2 = finished(second, 600)
-    log(f"job 2 finished {time.monotonic() - t:.1f} s after the restart, attempts {j2['attempts']}")
-    if j2["attempts"] < 2:
+    log(f"job 2 finished {time.monotonic() - t:.1f} s after the restart, attempts {j2['attempts']}, "
+        f"note {j2['error']!r}")
+    # Interrupted either way: the worker caught SIGTERM and handed the job back (no attempt charged),
+    # or it died first and the reaper requeued it (a second attempt).
+    if j2["attempts"] < 2 and not (j2["error"] or "").startswith(("handed back", "requeued")):
         raise SystemExit(f"FAIL: job 2 was not interrupted by the restart (attempts {j2['attempts']})")
     png2 = grid(second)
 
