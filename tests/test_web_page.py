@@ -140,7 +140,10 @@ def test_page_generates_watches_and_cancels(page, service, tmp_path):
     page.wait_for_function(f"document.getElementById('job-id').textContent !== '{job_id}'")
     second = page.text_content("#job-id")
     page.wait_for_function("['queued', 'running'].includes(document.getElementById('status').textContent)")
-    page.click("#cancel")
+    # From the keyboard: a mouse click can land on whatever a just-arrived preview pushed under the
+    # pointer (layout shift) on a busy machine; focus + Enter always reaches the button.
+    page.focus("#cancel")
+    page.keyboard.press("Enter")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled')", timeout=30_000)
     assert httpx.get(f"{url}/jobs/{second}").json()["status"] == "cancelled"
     assert page.locator("#recent li").count() == 2
