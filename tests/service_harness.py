@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -182,3 +183,18 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@contextmanager
+def running_service(tmp: Path, weights_dir: Path, **extra: str):
+    """A redis-server, one worker and the API, all stopped on exit: yields (url, env, processes)."""
+    redis_server = RedisServer(tmp / "redis").start()
+    procs = Processes(service_env(redis_server.url, weights_dir, tmp / "store", **extra), tmp / "logs")
+    try:
+        procs.worker()
+        url = procs.api(free_port())
+        wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 60, "a live worker")
+        yield url, procs.env, procs
+    finally:
+        procs.stop_all()
+        redis_server.stop()

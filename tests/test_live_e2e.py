@@ -12,7 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from PIL import Image
-from service_harness import Processes, RedisServer, free_port, service_env, wait_until, write_weights_dir
+from service_harness import (
+    Processes,
+    free_port,
+    running_service,
+    wait_until,
+    write_weights_dir,
+)
 from sse_client import read_events
 from standardwebhooks.webhooks import Webhook
 
@@ -34,15 +40,8 @@ LIVE_ENV = {
 def live(tmp_path_factory, tiny_model_file):
     tmp = tmp_path_factory.mktemp("live")
     weights = write_weights_dir(tmp / "weights", tiny_model_file, "tiny")
-    redis_server = RedisServer(tmp / "redis").start()
-    env = service_env(redis_server.url, weights, tmp / "store", PATCHDIFF_WEBHOOK_ALLOW_PRIVATE="true", **LIVE_ENV)
-    procs = Processes(env, tmp / "logs")
-    procs.worker()
-    url = procs.api(free_port())
-    wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 60, "a live worker")
-    yield url, env, procs
-    procs.stop_all()
-    redis_server.stop()
+    with running_service(tmp, weights, PATCHDIFF_WEBHOOK_ALLOW_PRIVATE="true", **LIVE_ENV) as service:
+        yield service
 
 
 def submit(url: str, **body) -> dict:

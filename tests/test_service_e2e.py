@@ -12,7 +12,15 @@ import time
 import httpx
 import pytest
 import torch
-from service_harness import Processes, RedisServer, free_port, service_env, wait_until, write_weights_dir
+from service_harness import (
+    Processes,
+    RedisServer,
+    free_port,
+    running_service,
+    service_env,
+    wait_until,
+    write_weights_dir,
+)
 
 from patchdiff_core.model.checkpoint import save_model
 from patchdiff_core.model.config import ModelConfig
@@ -51,18 +59,10 @@ def weights(tmp_path_factory, tiny_model_file):
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, weights):
     tmp = tmp_path_factory.mktemp("service")
-    redis_server = RedisServer(tmp / "redis").start()
     # One job at a time, so that a second job stays queued (test_service_batching.py has the engine
     # holding many jobs at once).
-    env = service_env(redis_server.url, weights, tmp / "store", PATCHDIFF_WORKER_MODELS="tiny,tinyu",
-                      PATCHDIFF_ENGINE_MAX_JOBS="1")
-    procs = Processes(env, tmp / "logs")
-    procs.worker()
-    url = procs.api(free_port())
-    wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 60, "a live worker")
-    yield url, env, procs
-    procs.stop_all()
-    redis_server.stop()
+    with running_service(tmp, weights, PATCHDIFF_WORKER_MODELS="tiny,tinyu", PATCHDIFF_ENGINE_MAX_JOBS="1") as service:
+        yield service
 
 
 def wait_job(url: str, job_id: str, timeout: float = 60, until=TERMINAL) -> dict:

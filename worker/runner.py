@@ -30,7 +30,7 @@ from rq.serializers import JSONSerializer
 
 from patchdiff_core.generation.engine import BatchEngine, RequestInFlight, StepReport, images_uint8
 from patchdiff_core.generation.images import make_grid, png_bytes, to_uint8
-from patchdiff_core.generation.preview import preview_png, shrink_for_preview
+from patchdiff_core.generation.preview import preview_png, preview_side, shrink_for_preview
 from patchdiff_core.service.jobs import JobRecord, JobStore
 from patchdiff_core.service.store import ObjectStore, attempt_prefix, result_key
 
@@ -178,12 +178,11 @@ class EngineRunner:
         n = request.spec.num_images
         latest = {image.index: image.x0 for image in request.running if image.x0 is not None} | request.results
         indices = sorted(latest)
-        small = shrink_for_preview(torch.stack([latest[i] for i in indices]), n, settings.preview_max_side) if indices else None
-        side = small.shape[-1] if small is not None else shrink_for_preview(
-            torch.zeros(1, 3, request.model.config.res, request.model.config.res), n, settings.preview_max_side).shape[-1]
+        side = preview_side(n, request.model.config.res, settings.preview_max_side)
         canvas = np.zeros((n, side, side, 3), np.uint8)
-        if small is not None:
-            canvas[indices] = to_uint8(small)
+        if indices:
+            canvas[indices] = to_uint8(shrink_for_preview(torch.stack([latest[i] for i in indices]), n,
+                                                          settings.preview_max_side))
         return preview_png(canvas, settings.preview_max_side)
 
     def _write_results(self, held: HeldJob, request: RequestInFlight) -> None:

@@ -129,6 +129,8 @@ class BatchEngine:
         self.models = models
         self.max_rows = {name: max(1, int(n)) for name, n in max_rows.items()}
         self.on_image_step = on_image_step
+        # Each model's cumulative alphas on its device, once (not copied again at every step).
+        self.alphas = {name: m.schedule.alphas_cumprod.to(m.device) for name, m in models.items()}
         self.requests: dict[str, RequestInFlight] = {}
         self._arrivals = itertools.count()
 
@@ -239,7 +241,7 @@ class BatchEngine:
         computed, so a failed call can be retried."""
         x0, v = self._predict(model, images)
         moving = [i for i, image in enumerate(images) if not image.final]
-        alphas = model.schedule.alphas_cumprod.to(model.device)
+        alphas = self.alphas[images[0].request.spec.model]  # all images of one call share the model
         updates = {}
         for sampler_name, rows in _group(moving, lambda i: images[i].request.sampler.name).items():
             sampler = SAMPLERS[sampler_name]

@@ -30,11 +30,16 @@ def preview_png(images: np.ndarray, max_side: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-def shrink_for_preview(x0: torch.Tensor, num_images: int, max_side: int = 256) -> torch.Tensor:
-    """[B,3,R,R] x0 at the size each image gets in a preview grid of `num_images` that fits
-    `max_side` (2-pixel gaps), never larger; done on x0's device, so only the small copy moves."""
+def preview_side(num_images: int, res: int, max_side: int = 256) -> int:
+    """The side of each image in a preview grid of `num_images` that fits `max_side` (2-pixel gaps),
+    never larger than `res`."""
     columns = math.ceil(math.sqrt(num_images))
-    side = max(1, min(x0.shape[-1], (max_side - 2) // columns - 2))
+    return max(1, min(res, (max_side - 2) // columns - 2))
+
+
+def shrink_for_preview(x0: torch.Tensor, num_images: int, max_side: int = 256) -> torch.Tensor:
+    """[B,3,R,R] x0 at its `preview_side`, done on x0's device, so only the small copy moves."""
+    side = preview_side(num_images, x0.shape[-1], max_side)
     if x0.shape[-1] == side:
         return x0
     return F.interpolate(x0.float(), size=(side, side), mode="area")
