@@ -11,7 +11,7 @@
    `torch.compile` (mode "default") and with CUDA graphs (mode "reduce-overhead"),
    with the model FLOP utilisation from `flops.py`'s counts against the card's dense fp16 peak.
 3. The batching engine: images/s of a burst of one-image jobs of the demo model by rows per forward
-   (what the CUDA default `ENGINE_AUTO_MAX_BATCH["cuda"]` should be), and the burst against the same
+   (what the CUDA default, `settings.auto_engine_rows`, should be), and the burst against the same
    images as one job.
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.md

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     lines = ["## The worker on the device, end to end\n",
              f"{len(specs)} jobs ({images} images: every sampler, guided and not, 1-3 images each, plus one 64-image "
              f"guided 100-step job{'; quick: the first 6' if args.quick else ''}) submitted through `JobStore.submit`, run by `run_worker` (burst) on {args.device} "
-             f"at {served_precision}, default rows per forward ({settings.engine_rows('digits', torch.device(args.device).type)}).\n",
+             f"at {served_precision}, default rows per forward ({settings.engine_rows('digits', torch.device(args.device).type, reference.config.res)}).\n",
              "| what | value |", "|---|--:|",
              f"| job statuses | {', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))} |",
              f"| images missing from the store | {missing} |",

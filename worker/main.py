@@ -82,7 +82,7 @@ def run_worker(settings: Settings | None = None, burst: bool = False, name: str 
     models.load_all()
     store = make_store(settings)
     store.check()
-    max_rows = {m: settings.engine_rows(m, models.models[m].device.type) for m in models.models}
+    max_rows = {m: settings.engine_rows(m, models.models[m].device.type, models.models[m].config.res) for m in models.models}
     max_jobs = settings.engine_max_jobs or sum(max_rows.values())
     runner = EngineRunner(name, jobs, store, models, max_rows, max_jobs)
     configure(runner)

@@ -15,8 +15,20 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from patchdiff_core.diffusion.names import SAMPLER_NAMES, SamplerName
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Rows per forward pass when PATCHDIFF_ENGINE_MAX_BATCH is 0 (see benchmarks/batching.py --batch-curve).
-ENGINE_AUTO_MAX_BATCH = {"cpu": 4, "cuda": 128}
+
+
+def auto_engine_rows(device_type: str, res: int) -> int:
+    """Rows per forward pass when PATCHDIFF_ENGINE_MAX_BATCH is 0, where images/s stopped growing.
+
+    CPU: 4 (benchmarks/batching.py --batch-curve). CUDA (benchmarks/results/gpu_check.md, H200, fp16):
+    the 32 px demo model still gained from 256 to 512 rows (a small network is bound by kernel
+    launches, so wider is better), while a 256 px church-sized network's forward throughput was flat
+    from 64 images up. So 512 rows up to 64 px, scaled down with the pixels per image, at least 64.
+    """
+    if device_type != "cuda":
+        return 4
+    return max(64, min(512, 512 * (64 * 64) // (res * res)))
+
 
 
 class Settings(BaseSettings):
@@ -63,8 +75,7 @@ class Settings(BaseSettings):
     # Worker
     worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: default_model
     # The batching engine: network rows per forward pass and model (a guided image takes two), and
-    # how many jobs a worker holds at once. 0 = by device: ENGINE_AUTO_MAX_BATCH (measured with
-    # benchmarks/batching.py --batch-curve: on a CPU the cost per image stops falling at small batches).
+    # how many jobs a worker holds at once. 0 = by device and image size: `auto_engine_rows`.
     engine_max_batch: int = Field(default=0, ge=0)
     engine_max_batch_per_model: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)  # JSON
     engine_max_jobs: int = Field(default=0, ge=0)  # 0 = as many as rows (each job holds at least one)
@@ -102,9 +113,11 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    def engine_rows(self, model: str, device_type: str) -> int:
-        """Network rows per forward pass for `model` on a device of `device_type` ("cpu" or "cuda")."""
-        return self.engine_max_batch_per_model.get(model) or self.engine_max_batch or ENGINE_AUTO_MAX_BATCH[device_type]
+    def engine_rows(self, model: str, device_type: str, res: int) -> int:
+        """Network rows per forward pass for `model` (images `res` px square) on a device of
+        `device_type` ("cpu" or "cuda")."""
+        return (self.engine_max_batch_per_model.get(model) or self.engine_max_batch
+                or auto_engine_rows(device_type, res))
 
     @property
     def served_models(self) -> list[str]:
