@@ -125,6 +125,22 @@ def test_queued_work_caps_are_429_and_job_ceiling_422(redis_url, tmp_path):
         assert guided.status_code == 422  # 10 × 60 × 2 = 1200 > 1000
 
 
+def test_queued_work_cap_per_model(redis_url, tmp_path):
+    """A model's backlog is capped on its own ("*" for models not named), so it cannot fill the
+    global cap and shut out the others; an ended job gives its cost back."""
+    with _client(redis_url, tmp_path, max_queued_cost_per_model={"tiny": 250, "*": 150}) as client:
+        info = {"name": "other", "config": TINY.model_dump(), "classes": [], "defaults": {"timesteps": "10"}}
+        client.app.state.jobs.heartbeat("fake-other", {"name": "fake-other", "models": {"other": info}})
+        body = {"num_images": 10, "timesteps": "10"}  # 100 cost units
+        tiny = [client.post("/generate", json=body) for _ in range(3)]
+        assert [r.status_code for r in tiny] == [202, 202, 429]
+        assert "model 'tiny'" in tiny[2].json()["detail"] and "Retry-After" in tiny[2].headers
+        other = [client.post("/generate", json={**body, "model": "other"}) for _ in range(2)]
+        assert [r.status_code for r in other] == [202, 429]  # the "*" cap, counted apart from tiny's
+        assert client.delete(f"/jobs/{tiny[0].json()['id']}").status_code == 202  # cancelled: cost released
+        assert client.post("/generate", json=body).status_code == 202
+
+
 def test_auth_off_behaves_as_before(redis_url, tmp_path, caplog):
     with _client(redis_url, tmp_path) as client:
         job = client.post("/generate", json={"num_images": 1}).json()

@@ -44,6 +44,9 @@ MIXED = {
     "b": spec(num_images=2, timesteps="5", sampler="ddim", guidance=2.5, class_labels=[7, 7], seed=3),
     "c": spec(num_images=4, timesteps="12", guidance=1.5, seed=11),  # random labels from the seed
     "d": spec(num_images=1, timesteps="ddim10", sampler="ddim", seed=99, class_labels=[5]),
+    # multistep samplers keep per-image history: it must follow each image through mixed batches
+    "e": spec(num_images=3, timesteps="logsnr7", sampler="dpmpp_2m", guidance=2.0, class_labels=[1, 2, 3], seed=5),
+    "f": spec(num_images=3, timesteps="9", sampler="unipc", guidance=1.5, seed=6),
 }
 
 
@@ -51,7 +54,8 @@ def test_mixed_requests_give_the_library_pictures(tiny):
     """Different steps, samplers, guidance and labels, admitted at different iterations and sharing
     batches of 4 rows, each image at its own timestep: the same pictures as `generate` alone."""
     engine = BatchEngine({"tiny": tiny}, {"tiny": 4})
-    finished = run_until_idle(engine, {0: [("a", MIXED["a"])], 2: [("b", MIXED["b"]), ("c", MIXED["c"])], 5: [("d", MIXED["d"])]})
+    finished = run_until_idle(engine, {0: [("a", MIXED["a"])], 2: [("b", MIXED["b"]), ("c", MIXED["c"])],
+                                             3: [("f", MIXED["f"])], 5: [("d", MIXED["d"]), ("e", MIXED["e"])]})
     assert set(finished) == set(MIXED)
     for name, s in MIXED.items():
         alone = generate(tiny, s, batch_size=s.num_images).images

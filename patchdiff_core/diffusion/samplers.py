@@ -197,6 +197,60 @@ def dpmpp_2m_step(
     return x_next, h.to(torch.float32)
 
 
+def _exp_integrator_terms(lam: torch.Tensor, lam_next: torch.Tensor):
+    """For a data-prediction (x0) step from lambda to lambda_next: h, hh = -h, h*phi_1 = e^{-h} - 1
+    and UniPC's B(h) ("bh2": e^{-h} - 1), all [B] float64."""
+    h = lam_next - lam
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    return h, hh, h_phi_1, h_phi_1
+
+
+def unipc_corrector(
+    x_prev: torch.Tensor, x0_prev: torch.Tensor, x0_prev2: torch.Tensor, x0: torch.Tensor,
+    alpha_prev: torch.Tensor, alpha_prev2: torch.Tensor, alpha: torch.Tensor, order: torch.Tensor,
+) -> torch.Tensor:
+    """UniC (Zhao et al. 2023, B(h) = e^{-h} - 1, data prediction), per sample: re-take the last step
+    from `x_prev` (at `alpha_prev`) to `alpha` using the new x0 at its end, which costs no network
+    evaluation. `order` [B] is the order of the step being corrected (1 or 2; 2 also uses `x0_prev2`
+    at `alpha_prev2`). Returns the corrected sample at `alpha`."""
+    lam_prev, lam = half_log_snr(alpha_prev), half_log_snr(alpha)
+    h, hh, h_phi_1, b_h = _exp_integrator_terms(lam_prev, lam)
+    x = x_prev
+    x_ = _rows(torch.sqrt((1 - alpha.double()) / (1 - alpha_prev.double())), x) * x \
+        - _rows(torch.sqrt(alpha.double()) * h_phi_1, x) * x0_prev
+    # b_k = h phi_{k+1}(h) k! / B(h) (the UniPC coefficients); with R = [[1, 1], [r, 1]] the order-2
+    # corrector solves R rho = b for the weights of the older difference and of the new one.
+    phi_k1 = h_phi_1 / hh - 1
+    b1 = phi_k1 / b_h
+    b2 = (phi_k1 / hh - 0.5) * 2 / b_h
+    second = order >= 2
+    lam_prev2 = half_log_snr(torch.where(second, alpha_prev2.double(), torch.full_like(alpha_prev.double(), 0.5)))
+    r = torch.where(second, (lam_prev2 - lam_prev) / h, torch.full_like(h, 2.0))
+    rho_old = torch.where(second, (b1 - b2) / (1 - r), torch.zeros_like(h))
+    rho_new = torch.where(second, b1 - rho_old, torch.full_like(h, 0.5))
+    d1 = (x0_prev2 - x0_prev) / _rows(r, x)
+    correction = _rows(rho_old, x) * d1 + _rows(rho_new, x) * (x0 - x0_prev)
+    return x_ - _rows(torch.sqrt(alpha.double()) * b_h, x) * correction
+
+
+def unipc_predictor(
+    x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor,
+    alpha_next: torch.Tensor, order: torch.Tensor,
+) -> torch.Tensor:
+    """UniP (B(h) = e^{-h} - 1, data prediction), per sample, from `alpha` to `alpha_next`; rows with
+    `order` 2 use the previous x0 (at `alpha_prev`) with weight 1/2, as diffusers' order-2 UniP."""
+    lam, lam_next = half_log_snr(alpha), half_log_snr(alpha_next)
+    h, hh, h_phi_1, b_h = _exp_integrator_terms(lam, lam_next)
+    x_next = _rows(torch.sqrt((1 - alpha_next.double()) / (1 - alpha.double())), x) * x \
+        - _rows(torch.sqrt(alpha_next.double()) * h_phi_1, x) * x0
+    second = order >= 2
+    lam_prev = half_log_snr(torch.where(second, alpha_prev.double(), torch.full_like(alpha.double(), 0.5)))
+    r = torch.where(second, (lam_prev - lam) / h, torch.ones_like(h))
+    d1 = (x0_prev - x0) / _rows(r, x)
+    return x_next - _rows(torch.where(second, torch.sqrt(alpha_next.double()) * b_h * 0.5, torch.zeros_like(h)), x) * d1
+
+
 @dataclass(frozen=True)
 class Sampler:
     """A sampler's per-sample step (see the module doc for the contract)."""
@@ -239,11 +293,42 @@ class DPMSolverPP2M(Sampler):
         return x_next, {"x0_prev": x0.float(), "h_prev": h}
 
 
+class UniPC(Sampler):
+    """UniPC (Zhao et al. 2023), bh2, order 2, data prediction, as diffusers' UniPCMultistepScheduler
+    (prediction type "sample", solver_order=2, lower_order_final): at each step the corrector first
+    re-takes the previous step with the new x0 (free: no extra network evaluation), then the
+    predictor steps on. The state keeps each image's corrected previous sample, its two previous x0
+    and cumulative alphas, and the order of its previous step (0: no history yet); the step that
+    lands on the lowest taken step is first order."""
+
+    def init_state(self, x):
+        zeros, batch = torch.zeros_like(x, dtype=torch.float32), x.shape[0]
+        return {"x_prev": zeros, "x0_prev": zeros.clone(), "x0_prev2": zeros.clone(),
+                "alpha_prev": torch.full((batch,), 0.5, dtype=torch.float64, device=x.device),
+                "alpha_prev2": torch.full((batch,), 0.5, dtype=torch.float64, device=x.device),
+                "order_prev": torch.zeros(batch, dtype=torch.long, device=x.device)}
+
+    def step(self, x, x0, v, alpha, alpha_next, state, noise, last):
+        alpha, alpha_next = alpha.to(x.device).double(), alpha_next.to(x.device).double()
+        order_prev = state["order_prev"].to(x.device)
+        x0 = x0.float()
+        corrected = unipc_corrector(state["x_prev"], state["x0_prev"], state["x0_prev2"], x0,
+                                    state["alpha_prev"].to(x.device), state["alpha_prev2"].to(x.device), alpha, order_prev)
+        x = torch.where(_rows(order_prev >= 1, x).bool(), corrected.to(x.dtype), x)
+        order = torch.where((order_prev >= 1) & ~last.to(device=x.device, dtype=torch.bool), 2, 1)
+        x_next = unipc_predictor(x, x0, state["x0_prev"], alpha, state["alpha_prev"].to(x.device), alpha_next, order)
+        return x_next.to(torch.float32), {
+            "x_prev": x.float(), "x0_prev": x0, "x0_prev2": state["x0_prev"], "alpha_prev": alpha,
+            "alpha_prev2": state["alpha_prev"].to(x.device).double(), "order_prev": order,
+        }
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": Ancestral("ancestral", needs_noise=True),
     "ddim": DDIM("ddim", needs_noise=False),
     "dpmpp_2m": DPMSolverPP2M("dpmpp_2m", needs_noise=False),
     "dpmpp_2m_sde": DPMSolverPP2M("dpmpp_2m_sde", needs_noise=True),
+    "unipc": UniPC("unipc", needs_noise=False),
 }
 assert tuple(SAMPLERS) == SAMPLER_NAMES, "names.SamplerName and SAMPLERS must list the same samplers"
 

@@ -102,11 +102,12 @@ class IdempotencyConflict(Exception):
 
 
 class OverCapacity(Exception):
-    """Admission refused: the queued work of this caller (`scope` = "owner") or of all ("global") is full."""
+    """Admission refused: the queued work of this caller (`scope` = "owner"), of the job's model
+    ("model") or of all ("global") is full."""
 
-    def __init__(self, scope: str, outstanding: int, cap: int):
-        super().__init__(f"{'your' if scope == 'owner' else 'the service'}'s queued work is full "
-                         f"({outstanding} of {cap} cost units outstanding)")
+    def __init__(self, scope: str, outstanding: int, cap: int, model: str = ""):
+        whose = {"owner": "your", "model": f"model {model!r}"}.get(scope, "the service")
+        super().__init__(f"{whose} queued work is full ({outstanding} of {cap} cost units outstanding)")
         self.scope, self.outstanding, self.cap = scope, outstanding, cap
 
 
@@ -141,7 +142,7 @@ class JobStore:
     workers_key = f"{PREFIX}:workers"  # worker name → heartbeat expiry (Redis server time)
     metrics_key = f"{PREFIX}:metrics"
     active_cost_key = f"{PREFIX}:active-cost"  # job id → "owner|cost" while not ended
-    costs_key = f"{PREFIX}:costs"  # "global" and "owner:<owner>" → outstanding cost
+    costs_key = f"{PREFIX}:costs"  # "global", "owner:<owner>" and "model:<model>" → outstanding cost
     expiry_key = f"{PREFIX}:expiry"  # job id → when the janitor deletes its record and results
 
     @staticmethod
@@ -204,7 +205,8 @@ class JobStore:
             digest = hashlib.sha256(f"{owner}\0{idempotency_key}".encode()).hexdigest()
             idem_key = f"{PREFIX}:idem:{digest}"
         args: list[Any] = [job_id, self.settings.job_ttl_s, fingerprint, now, cost, owner,
-                           self.settings.max_queued_cost, self.settings.max_queued_cost_per_key, spec.model]
+                           self.settings.max_queued_cost, self.settings.max_queued_cost_per_key, spec.model,
+                           self.settings.model_cost_cap(spec.model)]
         for key, value in self._to_hash(record).items():
             args += [key, value]
         result = self._submit(
@@ -220,7 +222,7 @@ class JobStore:
                 raise IdempotencyConflict("idempotency_key was already used for a different request")
             return existing, False
         if outcome == "over":
-            raise OverCapacity(result[1].decode(), int(float(result[2])), int(float(result[3])))
+            raise OverCapacity(result[1].decode(), int(float(result[2])), int(float(result[3])), spec.model)
         self.events.publish(job_id, *status_event(job_id, "queued", {}))  # before a worker can start it
         self._enqueue(record)
         return record, True

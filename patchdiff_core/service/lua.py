@@ -7,14 +7,17 @@ scripts (fine on a single Redis; a cluster would need hash tags).
 """
 
 # Give back a finished/dead job's share of the queued-work counters. Expects `job_id`, KEYS
-# `active_cost` (job → "owner|cost") and `costs` (global / owner:<o> → outstanding cost).
+# `active_cost` (job → "owner|cost|model") and `costs` (global / owner:<o> / model:<m> → outstanding
+# cost). Entries written before per-model accounting ("owner|cost") release global and owner only.
 _RELEASE_COST = """
 local function release_cost(active_cost, costs, job_id)
   local c = redis.call('HGET', active_cost, job_id)
   if c then
-    local owner, cost = string.match(c, '^(.*)|(%d+)$')
+    local owner, cost, model = string.match(c, '^([^|]*)|(%d+)|(.*)$')
+    if not owner then owner, cost = string.match(c, '^(.*)|(%d+)$') end
     redis.call('HINCRBY', costs, 'global', 0 - tonumber(cost))
     redis.call('HINCRBY', costs, 'owner:' .. owner, 0 - tonumber(cost))
+    if model then redis.call('HINCRBY', costs, 'model:' .. model, 0 - tonumber(cost)) end
     redis.call('HDEL', active_cost, job_id)
   end
 end
@@ -69,7 +72,8 @@ return {status, attempt, tostring(attempts)}
 """
 
 # KEYS: job, idempotency key, queued (the model's), metrics, active_cost, costs, queued_models
-# ARGV: job id, ttl_s, fingerprint, now, cost, owner, global cap, owner cap, model, field/value pairs...
+# ARGV: job id, ttl_s, fingerprint, now, cost, owner, global cap, owner cap, model, model cap,
+#       field/value pairs... (a cap of 0 = none)
 # Returns {'ok'}, {'idem', "<job id>:<fingerprint>"} or {'over', scope, outstanding, cap}.
 SUBMIT = """
 local use_idem = KEYS[2] ~= KEYS[1] .. ':noidem'
@@ -86,12 +90,17 @@ local mine = tonumber(redis.call('HGET', KEYS[6], 'owner:' .. ARGV[6]) or '0')
 if tonumber(ARGV[8]) > 0 and mine + cost > tonumber(ARGV[8]) then
   return {'over', 'owner', tostring(mine), ARGV[8]}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+local model_total = tonumber(redis.call('HGET', KEYS[6], 'model:' .. ARGV[9]) or '0')
+if tonumber(ARGV[10]) > 0 and model_total + cost > tonumber(ARGV[10]) then
+  return {'over', 'model', tostring(model_total), ARGV[10]}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if use_idem then redis.call('SET', KEYS[2], ARGV[1] .. ':' .. ARGV[3], 'EX', ARGV[2]) end
 redis.call('HINCRBY', KEYS[6], 'global', cost)
 redis.call('HINCRBY', KEYS[6], 'owner:' .. ARGV[6], cost)
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[6] .. '|' .. ARGV[5])
+redis.call('HINCRBY', KEYS[6], 'model:' .. ARGV[9], cost)
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[6] .. '|' .. ARGV[5] .. '|' .. ARGV[9])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('SADD', KEYS[7], ARGV[9])
 redis.call('HINCRBY', KEYS[4], 'jobs_submitted', 1)

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     max_job_cost: int = Field(default=128_000, ge=1)  # one job; the default lets 64 × 1000 steps guided through
     max_queued_cost_per_key: int = Field(default=1_000_000, ge=0)  # queued + running, per key; 0 = no cap
     max_queued_cost: int = Field(default=10_000_000, ge=0)  # queued + running, everyone; 0 = no cap
+    # queued + running per model (JSON {"model": cap}; "*" = every model not named); unset: no cap.
+    # One model's backlog then cannot fill the global cap and shut out the others.
+    max_queued_cost_per_model: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     retry_after_s: int = Field(default=5, ge=1)  # Retry-After of a 503 while no worker serves the model
 
     # Request limits
@@ -112,6 +115,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    def model_cost_cap(self, model: str) -> int:
+        """The queued-work cap of `model` (0 = none)."""
+        caps = self.max_queued_cost_per_model
+        return caps.get(model, caps.get("*", 0))
 
     def engine_rows(self, model: str, device_type: str, res: int) -> int:
         """Network rows per forward pass for `model` (images `res` px square) on a device of
