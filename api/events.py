@@ -31,6 +31,7 @@ from patchdiff_core.service.settings import Settings
 from patchdiff_core.service.webhooks import WebhookSender, absolute_links
 
 from .deps import BaseUrl, Jobs, SettingsDep, VisibleJob, require_api_key  # VisibleJob: tenant rules
+from .responses import ERR, JOB_ERRORS
 
 log = logging.getLogger("patchdiff.api.events")
 
@@ -99,8 +100,8 @@ JSON (`JobEventData`)."""
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse, description=EVENTS_DOC,
-            responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
-                       404: {"description": "unknown job"}, 429: {"description": "too many open streams"}})
+            responses={**JOB_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
+                       429: {**ERR, "description": "too many open event streams; retry after Retry-After"}})
 async def job_events(
     record: VisibleJob, request: Request, jobs: Jobs, settings: SettingsDep, base: BaseUrl, aconn: EventsRedis,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", pattern=STREAM_ID.pattern,
@@ -166,8 +167,8 @@ async def _job_stream(record: JobRecord, after: str, aconn: aioredis.Redis, jobs
 
 
 @router.get("/jobs/{job_id}/preview.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "the latest preview of the job's grid"},
-                       404: {"description": "unknown job, or no preview yet"}})
+            responses={**JOB_ERRORS, 200: {"content": {"image/png": {}}, "description": "the latest preview of the job's grid"},
+                       404: {**ERR, "description": "no such job visible to this key, or no preview yet"}})
 async def job_preview(
     record: VisibleJob, aconn: EventsRedis,
     step: Annotated[int | None, Query(ge=0, description="ignored: lets each progress event link a distinct URL")] = None,

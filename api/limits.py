@@ -101,9 +101,11 @@ def check_submit_rate(jobs: JobStore, owner: str, per_minute: int) -> None:
 
 
 def _finite(value: Any) -> Any:
-    """JSON cannot carry NaN or ±Infinity: name them as strings in error details."""
+    """JSON cannot carry NaN or ±Infinity, nor bytes that are not UTF-8: name them as text in error details."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, bytes):  # a body that was not JSON (no JSON content type) is echoed as bytes
+        return value.decode("utf-8", errors="replace")
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -112,6 +114,6 @@ def _finite(value: Any) -> Any:
 
 
 async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, but encodable whatever the input held (`1e400`, `NaN`, `Infinity`; bytes of a
-    body that was not JSON are made text by FastAPI's own encoder first)."""
-    return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})
+    """FastAPI's 422, but encodable whatever the input held (`1e400`, `NaN`, `Infinity`, or a body
+    that is neither JSON nor UTF-8: FastAPI's own encoder would fail on those and answer 500)."""
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(_finite(exc.errors()))})

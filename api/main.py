@@ -28,18 +28,13 @@ from .janitor import delete_expired
 from .limits import BodySizeLimit, check_submit_rate, validation_error
 from .metrics import JobMetrics
 from .observe import RequestObserver, register_process_metrics
-from .schemas import ErrorBody, GenerateRequest, Health, JobView, ModelView
+from .responses import AUTH_ERRORS, ERR, JOB_ERRORS, PNG, use_exact_openapi
+from .schemas import GenerateRequest, Health, JobView, ModelView
 from .service import NotServed, build_spec, job_view, model_views, request_fingerprint
 from .webhook import checked_webhook
 
 log = logging.getLogger("patchdiff.api")
 
-# Documented answers, so that the OpenAPI schema lists every code a route can give.
-_ERR = {"model": ErrorBody}
-AUTH_ERRORS = {401: {**_ERR, "description": "missing or invalid API key (only when API keys are configured)"},
-               503: {**_ERR, "description": "Redis unavailable; retry after Retry-After"}}
-JOB_ERRORS = {**AUTH_ERRORS, 404: {**_ERR, "description": "no such job visible to this key"}}
-PNG = {"content": {"image/png": {}}, "description": "the PNG"}
 
 
 async def _every(interval: float, what: str, work) -> None:
@@ -84,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # /docs and /redoc come from api.web, with their assets served offline
         redoc_url=None,
     )
+    use_exact_openapi(app)
     app.include_router(live_events.router)  # /jobs/{id}/events, /jobs/{id}/preview.png, webhook sender
     app.include_router(web.router)  # the page at /, /docs, /redoc
     app.state.settings = settings
@@ -112,11 +108,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/generate", status_code=202, response_model=JobView, responses={
         **AUTH_ERRORS,
         200: {"model": JobView, "description": "an earlier job with the same idempotency_key"},
-        400: {**_ERR, "description": "the body cannot be decoded (not UTF-8)"},
-        409: {**_ERR, "description": "idempotency_key already used for another request"},
-        413: {**_ERR, "description": "request body too large"},
-        429: {**_ERR, "description": "rate limit or queued-work cap reached; retry after Retry-After"},
-        503: {**_ERR, "description": "no live worker serves the model, or Redis unavailable; retry after Retry-After"},
+        400: {**ERR, "description": "the body cannot be decoded (not UTF-8)"},
+        409: {**ERR, "description": "idempotency_key already used for another request"},
+        413: {**ERR, "description": "request body too large"},
+        429: {**ERR, "description": "rate limit or queued-work cap reached; retry after Retry-After"},
+        503: {**ERR, "description": "no live worker serves the model, or Redis unavailable; retry after Retry-After"},
     })
     def generate(req: GenerateRequest, response: Response, caller: CallerDep, jobs: Jobs, settings: SettingsDep,
                  base: BaseUrl) -> JobView:
@@ -149,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(job_view(job, jobs, base).model_dump_json(), media_type="application/json")
 
     @app.delete("/jobs/{job_id}", status_code=202, response_model=JobView,
-                responses={**JOB_ERRORS, 409: {**_ERR, "description": "the job already ended"}})
+                responses={**JOB_ERRORS, 409: {**ERR, "description": "the job already ended"}})
     def cancel_job(job: VisibleJob, jobs: Jobs, base: BaseUrl) -> JobView:
         """A queued job is cancelled at once and never runs; a running one stops at its next step."""
         if jobs.cancel(job.id) is None:
@@ -157,12 +153,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return job_view(jobs.get(job.id) or job, jobs, base)
 
     @app.get("/jobs/{job_id}/grid.png", response_class=Response,
-             responses={**JOB_ERRORS, 200: PNG, 404: {**_ERR, "description": "unknown job or not finished"}})
+             responses={**JOB_ERRORS, 200: PNG, 404: {**ERR, "description": "unknown job or not finished"}})
     def get_grid(job: VisibleJob, store: Store) -> Response:
         return _result(store, job, "grid.png", "image/png")
 
     @app.get("/jobs/{job_id}/images/{index}.png", response_class=Response,
-             responses={**JOB_ERRORS, 200: PNG, 404: {**_ERR, "description": "unknown job, image or not finished"},
+             responses={**JOB_ERRORS, 200: PNG, 404: {**ERR, "description": "unknown job, image or not finished"},
                         422: {"description": "index is not an integer"}})
     def get_image(job: VisibleJob, index: int, store: Store) -> Response:
         return _result(store, job, f"images/{index}.png", "image/png", index=index)

@@ -83,6 +83,18 @@ def test_non_finite_numbers_are_422_naming_the_field(tenants, raw, field):
     assert any(field in error["loc"] for error in response.json()["detail"]), response.text
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
+def test_a_body_that_is_neither_json_nor_utf8_is_422_not_500(tenants, content_type):
+    """FastAPI echoes a non-JSON body as bytes in its 422; bytes that are not UTF-8 once broke the
+    error's encoding (500). With a JSON content type the same body is the documented 400."""
+    headers = {**A, **({"content-type": content_type} if content_type else {})}
+    response = tenants.post("/generate", content=b'{"num_images": "\xff\xfe"}', headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body"]
+    as_json = tenants.post("/generate", content=b'{"num_images": "\xff"}', headers={**A, "content-type": "application/json"})
+    assert as_json.status_code == 400, as_json.text
+
+
 def test_body_over_the_limit_is_413_before_auth(redis_url, tmp_path):
     with _client(redis_url, tmp_path, api_keys="k", max_body_bytes=4096) as client:
         big = b'{"idempotency_key": "' + b"x" * 10_000 + b'"}'
