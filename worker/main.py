@@ -84,6 +84,10 @@ def run_worker(settings: Settings | None = None, burst: bool = False, name: str 
     store.check()
     max_rows = {m: settings.engine_rows(m, models.models[m].device.type, models.models[m].config.res) for m in models.models}
     max_jobs = settings.engine_max_jobs or sum(max_rows.values())
+    if settings.engine_compile != "off":
+        for model_name, model in models.models.items():
+            log.info("compiling %s (%s, up to %d rows)", model_name, settings.engine_compile, max_rows[model_name])
+            model.compile(max_rows[model_name], settings.engine_compile)
     runner = EngineRunner(name, jobs, store, models, max_rows, max_jobs)
     configure(runner)
 

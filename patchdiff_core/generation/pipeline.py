@@ -138,6 +138,17 @@ class SamplingModel:
         dtype, channels_last = PRECISIONS[self.precision], self.device.type == "cuda"
         return [network_forward(n, dtype, channels_last) for n in self.networks]
 
+    def compile(self, max_rows: int, mode: str = "default", warm_up: bool = True) -> None:
+        """Serve `forwards` through torch.compile, rows padded to fixed sizes up to `max_rows`
+        (`generation/compiled.py`); `warm_up` compiles every size now rather than on first use."""
+        from patchdiff_core.generation.compiled import compile_forwards
+
+        forwards = compile_forwards(self.networks, PRECISIONS[self.precision], self.device.type == "cuda", max_rows, mode)
+        if warm_up:
+            for forward in forwards:
+                forward.warm_up(self.device, self.config.res, self.config.conditional)
+        self.forwards = forwards  # replaces the cached eager ones
+
     def network_for(self, t: int) -> int:
         """Which network samples timestep t: the high-noise one (index 1) from `switch_t` up."""
         return 1 if self.switch_t is not None and t >= self.switch_t else 0

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     engine_max_batch: int = Field(default=0, ge=0)
     engine_max_batch_per_model: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)  # JSON
     engine_max_jobs: int = Field(default=0, ge=0)  # 0 = as many as rows (each job holds at least one)
+    # torch.compile the networks the engine runs (rows padded to powers of two, each compiled at
+    # start-up): "reduce-overhead" adds CUDA graphs. Off by default: minutes of compiling per model.
+    engine_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=10.0, gt=0)  # a worker silent this long is dead
     max_attempts: int = Field(default=2, ge=1)  # a job whose worker died is requeued until this
