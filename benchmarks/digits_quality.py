@@ -61,11 +61,13 @@ DIGIT_RES = 8
 DIGIT_MAX = 16.0  # sklearn's digits are counts 0..16 of set pixels in 4x4 blocks
 # The steps-vs-quality table in the README: the reference first, then the few-step settings.
 DEFAULT_SETTINGS = ",".join(
-    ["ancestral:250:1.0", "unipc:10:1.0", "unipc:5:1.0", "dpmpp_2m:10:1.0", "dpmpp_2m:5:1.0", "ddim:10:1.0"]
+    ["ancestral:250:1.0", "unipc_bh1:10:1.0", "unipc_bh1:5:1.0", "unipc:10:1.0", "unipc:5:1.0", "dpmpp_2m:10:1.0"]
+    + ["dpmpp_2m:5:1.0", "ddim:10:1.0"]
     + ["ddim:5:1.0", "ancestral:10:1.0", "unipc:20:1.0", "dpmpp_2m:20:1.0", "ddim:20:1.0", "unipc:karras10:1.0"]
     + ["unipc:logsnr10:1.0", "dpmpp_2m:karras10:1.0", "dpmpp_2m:logsnr10:1.0", "dpmpp_2m_sde:10:1.0"]
     + ["ancestral:50:1.0", "dpmpp_2m:100:1.0"]  # the old default; the ODE's own limit (converged)
     + ["ancestral:100:1.5", "ancestral:50:1.5", "ddim:10:1.5", "dpmpp_2m:10:1.5", "unipc:10:1.5", "unipc:5:1.5"]
+    + ["unipc_bh1:10:1.5", "unipc_bh1:5:1.5"]
     + ["dpmpp_2m:5:1.5"]
 )
 FEATURE_SEED = 0

@@ -61,7 +61,7 @@ def test_same_seed_same_bytes(capsys, tmp_path, tiny_model_file):
     assert np.abs(a - c).max() <= 1
 
 
-@pytest.mark.parametrize("sampler, timesteps", [("dpmpp_2m", "karras5"), ("dpmpp_2m_sde", "logsnr5"), ("unipc", "5")])
+@pytest.mark.parametrize("sampler, timesteps", [("dpmpp_2m", "karras5"), ("dpmpp_2m_sde", "logsnr5"), ("unipc", "5"), ("unipc_bh1", "5")])
 def test_sample_with_a_few_step_sampler(capsys, tmp_path, tiny_model_file, sampler, timesteps):
     args = ["sample", "--weights", str(tiny_model_file), "--num-images", "2", "--seed", "3", "--quiet"]
     code, _, _ = run(capsys, *args, "--sampler", sampler, "--timesteps", timesteps, "--out", str(tmp_path / "a.png"))

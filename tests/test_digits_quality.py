@@ -95,7 +95,7 @@ def test_accuracy_and_settings():
     settings = dq.parse_settings(dq.DEFAULT_SETTINGS)
     assert settings[0] == dq.Setting("ancestral", "250", 1.0)
     assert dq.Setting("ancestral", "100", 1.5) in settings  # the guided reference
-    assert {s.sampler for s in settings} == {"ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc"}
+    assert {s.sampler for s in settings} == {"ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"}
     assert dq.parse_settings("ddim:ddim50:2") == [dq.Setting("ddim", "ddim50", 2.0)]
     for bad in ("ddim:20", "euler:20:1.0", ""):
         with pytest.raises(ValueError):

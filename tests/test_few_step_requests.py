@@ -20,11 +20,11 @@ def _served(beta_max: float = 0.02) -> dict:
 
 
 def test_new_samplers_are_named_everywhere():
-    assert {"dpmpp_2m", "dpmpp_2m_sde", "unipc"} <= set(SAMPLER_NAMES)
-    assert {"dpmpp_2m", "dpmpp_2m_sde", "unipc"} <= set(Settings().allowed_samplers)
+    assert {"dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"} <= set(SAMPLER_NAMES)
+    assert {"dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"} <= set(Settings().allowed_samplers)
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"])
 @pytest.mark.parametrize("timesteps", ["logsnr10", "karras5", "10"])
 def test_api_accepts_few_step_requests(sampler, timesteps):
     req = GenerateRequest(model="digits", num_images=2, sampler=sampler, timesteps=timesteps, seed=1)

@@ -18,7 +18,7 @@ def _spec(**kw):
 
 
 @pytest.mark.parametrize(
-    "sampler, timesteps", [("ancestral", "12"), ("ddim", "12"), ("dpmpp_2m", "logsnr8"), ("dpmpp_2m_sde", "karras8"), ("unipc", "8")]
+    "sampler, timesteps", [("ancestral", "12"), ("ddim", "12"), ("dpmpp_2m", "logsnr8"), ("dpmpp_2m_sde", "karras8"), ("unipc", "8"), ("unipc_bh1", "6")]
 )
 def test_image_i_does_not_depend_on_batching(tiny, sampler, timesteps):
     spec = _spec(sampler=sampler, timesteps=timesteps)

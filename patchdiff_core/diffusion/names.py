@@ -8,5 +8,5 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-SamplerName = Literal["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+SamplerName = Literal["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)

@@ -197,25 +197,25 @@ def dpmpp_2m_step(
     return x_next, h.to(torch.float32)
 
 
-def _exp_integrator_terms(lam: torch.Tensor, lam_next: torch.Tensor):
+def _exp_integrator_terms(lam: torch.Tensor, lam_next: torch.Tensor, variant: str = "bh2"):
     """For a data-prediction (x0) step from lambda to lambda_next: h, hh = -h, h*phi_1 = e^{-h} - 1
-    and UniPC's B(h) ("bh2": e^{-h} - 1), all [B] float64."""
+    and UniPC's B(h): "bh1" -h, "bh2" e^{-h} - 1 (Zhao et al. 2023, sec. 3.3), all [B] float64."""
     h = lam_next - lam
     hh = -h
     h_phi_1 = torch.expm1(hh)
-    return h, hh, h_phi_1, h_phi_1
+    return h, hh, h_phi_1, (hh if variant == "bh1" else h_phi_1)
 
 
 def unipc_corrector(
     x_prev: torch.Tensor, x0_prev: torch.Tensor, x0_prev2: torch.Tensor, x0: torch.Tensor,
-    alpha_prev: torch.Tensor, alpha_prev2: torch.Tensor, alpha: torch.Tensor, order: torch.Tensor,
+    alpha_prev: torch.Tensor, alpha_prev2: torch.Tensor, alpha: torch.Tensor, order: torch.Tensor, variant: str = "bh2",
 ) -> torch.Tensor:
-    """UniC (Zhao et al. 2023, B(h) = e^{-h} - 1, data prediction), per sample: re-take the last step
+    """UniC (Zhao et al. 2023, data prediction, B(h) of `variant`), per sample: re-take the last step
     from `x_prev` (at `alpha_prev`) to `alpha` using the new x0 at its end, which costs no network
     evaluation. `order` [B] is the order of the step being corrected (1 or 2; 2 also uses `x0_prev2`
     at `alpha_prev2`). Returns the corrected sample at `alpha`."""
     lam_prev, lam = half_log_snr(alpha_prev), half_log_snr(alpha)
-    h, hh, h_phi_1, b_h = _exp_integrator_terms(lam_prev, lam)
+    h, hh, h_phi_1, b_h = _exp_integrator_terms(lam_prev, lam, variant)
     x = x_prev
     x_ = _rows(torch.sqrt((1 - alpha.double()) / (1 - alpha_prev.double())), x) * x \
         - _rows(torch.sqrt(alpha.double()) * h_phi_1, x) * x0_prev
@@ -236,12 +236,12 @@ def unipc_corrector(
 
 def unipc_predictor(
     x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor,
-    alpha_next: torch.Tensor, order: torch.Tensor,
+    alpha_next: torch.Tensor, order: torch.Tensor, variant: str = "bh2",
 ) -> torch.Tensor:
-    """UniP (B(h) = e^{-h} - 1, data prediction), per sample, from `alpha` to `alpha_next`; rows with
+    """UniP (data prediction, B(h) of `variant`), per sample, from `alpha` to `alpha_next`; rows with
     `order` 2 use the previous x0 (at `alpha_prev`) with weight 1/2, as diffusers' order-2 UniP."""
     lam, lam_next = half_log_snr(alpha), half_log_snr(alpha_next)
-    h, hh, h_phi_1, b_h = _exp_integrator_terms(lam, lam_next)
+    h, hh, h_phi_1, b_h = _exp_integrator_terms(lam, lam_next, variant)
     x_next = _rows(torch.sqrt((1 - alpha_next.double()) / (1 - alpha.double())), x) * x \
         - _rows(torch.sqrt(alpha_next.double()) * h_phi_1, x) * x0
     second = order >= 2
@@ -293,13 +293,18 @@ class DPMSolverPP2M(Sampler):
         return x_next, {"x0_prev": x0.float(), "h_prev": h}
 
 
+@dataclass(frozen=True)
 class UniPC(Sampler):
-    """UniPC (Zhao et al. 2023), bh2, order 2, data prediction, as diffusers' UniPCMultistepScheduler
-    (prediction type "sample", solver_order=2, lower_order_final): at each step the corrector first
+    """UniPC (Zhao et al. 2023), order 2, data prediction, as diffusers' UniPCMultistepScheduler
+    (prediction type "sample", solver_order=2, lower_order_final) with `variant` its solver_type:
+    "bh2" (diffusers' default) or "bh1" (B(h) = h, which the paper advises for very few steps and
+    which measures best on the demo model). At each step the corrector first
     re-takes the previous step with the new x0 (free: no extra network evaluation), then the
     predictor steps on. The state keeps each image's corrected previous sample, its two previous x0
     and cumulative alphas, and the order of its previous step (0: no history yet); the step that
     lands on the lowest taken step is first order."""
+
+    variant: str = "bh2"
 
     def init_state(self, x):
         zeros, batch = torch.zeros_like(x, dtype=torch.float32), x.shape[0]
@@ -313,10 +318,12 @@ class UniPC(Sampler):
         order_prev = state["order_prev"].to(x.device)
         x0 = x0.float()
         corrected = unipc_corrector(state["x_prev"], state["x0_prev"], state["x0_prev2"], x0,
-                                    state["alpha_prev"].to(x.device), state["alpha_prev2"].to(x.device), alpha, order_prev)
+                                    state["alpha_prev"].to(x.device), state["alpha_prev2"].to(x.device), alpha, order_prev,
+                                    self.variant)
         x = torch.where(_rows(order_prev >= 1, x).bool(), corrected.to(x.dtype), x)
         order = torch.where((order_prev >= 1) & ~last.to(device=x.device, dtype=torch.bool), 2, 1)
-        x_next = unipc_predictor(x, x0, state["x0_prev"], alpha, state["alpha_prev"].to(x.device), alpha_next, order)
+        x_next = unipc_predictor(x, x0, state["x0_prev"], alpha, state["alpha_prev"].to(x.device), alpha_next, order,
+                                 self.variant)
         return x_next.to(torch.float32), {
             "x_prev": x.float(), "x0_prev": x0, "x0_prev2": state["x0_prev"], "alpha_prev": alpha,
             "alpha_prev2": state["alpha_prev"].to(x.device).double(), "order_prev": order,
@@ -328,7 +335,8 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": DDIM("ddim", needs_noise=False),
     "dpmpp_2m": DPMSolverPP2M("dpmpp_2m", needs_noise=False),
     "dpmpp_2m_sde": DPMSolverPP2M("dpmpp_2m_sde", needs_noise=True),
-    "unipc": UniPC("unipc", needs_noise=False),
+    "unipc": UniPC("unipc", needs_noise=False, variant="bh2"),
+    "unipc_bh1": UniPC("unipc_bh1", needs_noise=False, variant="bh1"),
 }
 assert tuple(SAMPLERS) == SAMPLER_NAMES, "names.SamplerName and SAMPLERS must list the same samplers"
 
