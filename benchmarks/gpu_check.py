@@ -275,10 +275,12 @@ def compiled_throughput(device, batch: int, quick: bool, deadline: float) -> lis
     return lines + [""]
 
 
-def run_engine(model: SamplingModel, rows: int, requests: list[GenerationSpec]) -> float:
+def run_engine(model: SamplingModel, rows: int, requests: list[GenerationSpec], done: list | None = None) -> float:
+    """Seconds for the engine to finish `requests`, all admitted at once; `done` receives them."""
     engine = BatchEngine({model.name: model}, {model.name: rows})
-    for i, spec in enumerate(requests):
-        engine.add(f"r{i}", spec)
+    added = [engine.add(f"r{i}", spec) for i, spec in enumerate(requests)]
+    if done is not None:
+        done.extend(added)
     sync(model.device)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-from gpu_check import sync
+from gpu_check import run_engine
 
 from patchdiff_core.diffusion.schedule import Schedule
-from patchdiff_core.generation.engine import BatchEngine
 from patchdiff_core.generation.pipeline import SamplingModel
 from patchdiff_core.generation.registry import RELEASED
 from patchdiff_core.generation.spec import GenerationSpec
@@ -26,17 +24,11 @@ from patchdiff_core.model.unet import PatchedUNet
 
 
 def burst(model: SamplingModel, jobs: int, rows: int, sampler: str, steps: str) -> tuple[float, torch.Tensor]:
-    engine = BatchEngine({model.name: model}, {model.name: rows})
-    requests = [engine.add(f"r{i}", GenerationSpec(model=model.name, num_images=1, seed=i, sampler=sampler, timesteps=steps,
-                                                   class_labels=[i % 10] if model.config.conditional else None))
-                for i in range(jobs)]
-    sync(model.device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        while not engine.idle:
-            assert not engine.step().failed
-    sync(model.device)
-    return time.perf_counter() - start, torch.cat([r.x0_images() for r in requests])
+    specs = [GenerationSpec(model=model.name, num_images=1, seed=i, sampler=sampler, timesteps=steps,
+                            class_labels=[i % 10] if model.config.conditional else None) for i in range(jobs)]
+    done: list = []
+    seconds = run_engine(model, rows, specs, done)
+    return seconds, torch.cat([r.x0_images() for r in done])
 
 
 def church_sized(device: torch.device) -> SamplingModel:
