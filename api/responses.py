@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Optional
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
 from .schemas import ErrorBody
@@ -42,18 +41,17 @@ def _can_fail_validation(route: APIRoute) -> bool:
 def use_exact_openapi(app: FastAPI) -> None:
     """FastAPI documents a 422 for every route with any parameter; drop it where no request can
     cause one (a route whose only parameter is a free-text job id answers 404, not 422)."""
+    fastapi_openapi = app.openapi  # FastAPI's own generator; it caches the schema in app.openapi_schema
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
-                                 description=app.description, routes=app.routes)
+            schema = fastapi_openapi()
             for route in app.routes:
                 if isinstance(route, APIRoute) and route.include_in_schema and not _can_fail_validation(route):
                     for method in route.methods:
                         operation = schema["paths"].get(route.path_format, {}).get(method.lower())
                         if operation is not None:
                             operation["responses"].pop("422", None)
-            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
