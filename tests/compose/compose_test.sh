@@ -82,7 +82,8 @@ LOCKS="docker/requirements/torch.txt docker/requirements/worker.txt docker/requi
 stamp=$(cat $LOCKS | sha256sum | cut -c1-16)
 # The stamp lives outside docker/wheels/, and wheels that did not change are left as they are:
 # the folder is bind-mounted into the builds, so any change there rebuilds their layers (torch!).
-if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$stamp" ]; then
+# The stamp is per machine, the folder per checkout: a fresh checkout (an empty folder) fills it too.
+if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$stamp" ] || ! ls docker/wheels/*.whl >/dev/null 2>&1; then
   step "wheelhouse docker/wheels/ from the locks"
   mkdir -p "$CACHE"; fresh=$(mktemp -d "$CACHE/wheels.XXXX")
   # shellcheck disable=SC2046
@@ -116,7 +117,14 @@ step "clean slate: down -v"
 "${COMPOSE[@]}" down -v --remove-orphans
 
 step "build (offline, --network none; PYTHON_IMAGE=$PYTHON_IMAGE)"
-"${COMPOSE[@]}" build
+# `docker compose build` can exit 0 although a build failed (Compose 2.40 falling back to the classic
+# builder when buildx is missing), and the stack would then run the previous images: read its output.
+build_log=$(mktemp)
+"${COMPOSE[@]}" build 2>&1 | tee "$build_log"
+if grep -qE "^(failed to solve|ERROR)|^#[0-9]+ ERROR" "$build_log"; then
+  echo "compose-test: an image build failed (see above)"; exit 1
+fi
+rm -f "$build_log"
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E "^patchdiff-(api|worker):$IMAGE_TAG" || true
 for img in "patchdiff-api:$IMAGE_TAG" "patchdiff-worker:$IMAGE_TAG-cpu"; do
   user=$(docker image inspect --format '{{.Config.User}}' "$img")
