@@ -21,13 +21,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import platform
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
+import flops  # benchmarks/flops.py: this script's folder is on sys.path
 import numpy as np
 import torch
 
@@ -46,12 +48,15 @@ GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "golden
 FORWARD_TOL, TRAJECTORY_TOL = 1e-5, 1e-4  # as tests/conftest.py
 
 
-def _flops():
-    spec = importlib.util.spec_from_file_location("patchdiff_bench_flops", Path(__file__).with_name("flops.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+@contextmanager
+def true_fp32():
+    """TF32 off for matmuls and cuDNN convolutions (cuDNN's default is on), restored afterwards."""
+    served = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = served
 
 
 def sync(device):
@@ -84,11 +89,6 @@ def nchw(a: np.ndarray, device) -> torch.Tensor:
 def golden_check(device) -> list[str]:
     """The fixtures on this device: fp32 with TF32 off must match as on the CPU (1e-5 forward, 1e-4
     trajectory); the reduced-precision trajectory is reported, not judged."""
-    import json
-
-    served = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     low = "fp16" if device.type == "cuda" else "bf16"
     lines = ["## Golden fixtures on the device\n",
              f"fp32 (TF32 off) must match the original code as on the CPU (forward ≤ {FORWARD_TOL:g}, trajectory ≤ "
@@ -96,63 +96,68 @@ def golden_check(device) -> list[str]:
              f"| case | forward x0 | forward v | library trajectory (worst step) | engine trajectory (worst step) | {low} engine, final x0 | fp32 verdict |",
              "|---|--:|--:|--:|--:|--:|---|"]
     for case in sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()):
-        cfg = json.loads((GOLDEN / case / "config.json").read_text())
-        ref = dict(np.load(GOLDEN / case / "reference.npz"))
-        net = load_model(GOLDEN / case / "ema_weights.h5", device=device)
-        conditional = net.config.conditional
-        with torch.inference_mode():
-            y = torch.from_numpy(ref["y"]).long().to(device) if conditional else None
-            x0, v = net(nchw(ref["x"], device), torch.from_numpy(ref["t"]).long().to(device), y)
-        fwd_x0, fwd_v = rel(x0.permute(0, 2, 3, 1), ref["mean"]), rel(v.permute(0, 2, 3, 1), ref["var"])
-
-        labels = torch.from_numpy(ref["sample_y"]).long().to(device) if conditional else None
-        trajectory = []
-        with torch.inference_mode():
-            final = sample("ancestral", make_denoiser(net, labels, cfg["guidance"]), nchw(ref["sample_xT"], device),
-                           ref["sample_timesteps"].tolist(), Schedule.linear(cfg["beta_max"]),
-                           noise=[nchw(n, device) for n in ref["sample_noise"]],
-                           callback=lambda info: trajectory.append(info["x"].permute(0, 2, 3, 1)))
-        steps = [rel(ours, theirs) for ours, theirs in zip(trajectory, ref["sample_trajectory"])]
-        lib_worst = max(steps + [rel(final.permute(0, 2, 3, 1), ref["sample_x0"])])
-
-        engine_err = {}
-        for precision in ("fp32", low):
-            model = SamplingModel(name=case, config=net.config, networks=[net], schedule=Schedule.linear(cfg["beta_max"]),
-                                  device=device, precision=precision)
-            B = ref["sample_xT"].shape[0]
-            xT, noise = nchw(ref["sample_xT"], device), [nchw(n, device) for n in ref["sample_noise"]]
-            per_image: dict[int, list] = {b: [] for b in range(B)}
-            n_steps = len(ref["sample_trajectory"])
-
-            def record(request, index, x, x0, per_image=per_image, n_steps=n_steps):
-                if request.id.startswith("fixture"):
-                    seen = per_image[int(request.id[7:])]
-                    seen.append(x0 if len(seen) == n_steps - 1 else x)
-
-            engine = BatchEngine({case: model}, {case: 2 * B + 1}, on_image_step=record)
-            for b in range(B):
-                draws = iter([xT[b]] + [n[b] for n in noise])
-                engine.add(f"fixture{b}", GenerationSpec(
-                    model=case, num_images=1, timesteps=str(cfg["sample_steps"]), seed=0, guidance=cfg["guidance"],
-                    class_labels=[int(ref["sample_y"][b])] if conditional else None),
-                    noise_for=lambda i, draws=draws: (lambda: next(draws)))
-            engine.add("stranger", GenerationSpec(model=case, num_images=2, timesteps="7", seed=5, guidance=1.0,
-                                                  class_labels=[1, 2] if conditional else None))
-            with torch.inference_mode():
-                while not engine.idle:
-                    assert not engine.step().failed
-            if precision == "fp32":
-                engine_err[precision] = max(
-                    rel(per_image[b][s][None].permute(0, 2, 3, 1), ref["sample_trajectory"][s, b][None])
-                    for b in range(B) for s in range(n_steps))
-            else:
-                ours = torch.stack([per_image[b][-1] for b in range(B)]).permute(0, 2, 3, 1)
-                engine_err[precision] = rel(ours, ref["sample_x0"])
-        ok = fwd_x0 <= FORWARD_TOL and fwd_v <= FORWARD_TOL and lib_worst <= TRAJECTORY_TOL and engine_err["fp32"] <= TRAJECTORY_TOL
-        lines.append(f"| {case} | {fwd_x0:.1e} | {fwd_v:.1e} | {lib_worst:.1e} | {engine_err['fp32']:.1e} | "
-                     f"{engine_err[low]:.1e} | {'PASS' if ok else 'FAIL'} |")
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = served  # the rest measures what serving uses
+        lines.append(_golden_case(case, device, low))
     return lines + [""]
+
+
+@true_fp32()
+def _golden_case(case: str, device, low: str) -> str:
+    """One fixture's table row."""
+    cfg = json.loads((GOLDEN / case / "config.json").read_text())
+    ref = dict(np.load(GOLDEN / case / "reference.npz"))
+    net = load_model(GOLDEN / case / "ema_weights.h5", device=device)
+    conditional = net.config.conditional
+    with torch.inference_mode():
+        y = torch.from_numpy(ref["y"]).long().to(device) if conditional else None
+        x0, v = net(nchw(ref["x"], device), torch.from_numpy(ref["t"]).long().to(device), y)
+    fwd_x0, fwd_v = rel(x0.permute(0, 2, 3, 1), ref["mean"]), rel(v.permute(0, 2, 3, 1), ref["var"])
+
+    labels = torch.from_numpy(ref["sample_y"]).long().to(device) if conditional else None
+    trajectory = []
+    with torch.inference_mode():
+        final = sample("ancestral", make_denoiser(net, labels, cfg["guidance"]), nchw(ref["sample_xT"], device),
+                       ref["sample_timesteps"].tolist(), Schedule.linear(cfg["beta_max"]),
+                       noise=[nchw(n, device) for n in ref["sample_noise"]],
+                       callback=lambda info: trajectory.append(info["x"].permute(0, 2, 3, 1)))
+    steps = [rel(ours, theirs) for ours, theirs in zip(trajectory, ref["sample_trajectory"])]
+    lib_worst = max(steps + [rel(final.permute(0, 2, 3, 1), ref["sample_x0"])])
+
+    engine_err = {}
+    for precision in ("fp32", low):
+        model = SamplingModel(name=case, config=net.config, networks=[net], schedule=Schedule.linear(cfg["beta_max"]),
+                              device=device, precision=precision)
+        B = ref["sample_xT"].shape[0]
+        xT, noise = nchw(ref["sample_xT"], device), [nchw(n, device) for n in ref["sample_noise"]]
+        per_image: dict[int, list] = {b: [] for b in range(B)}
+        n_steps = len(ref["sample_trajectory"])
+
+        def record(request, index, x, x0, per_image=per_image, n_steps=n_steps):
+            if request.id.startswith("fixture"):
+                seen = per_image[int(request.id[7:])]
+                seen.append(x0 if len(seen) == n_steps - 1 else x)
+
+        engine = BatchEngine({case: model}, {case: 2 * B + 1}, on_image_step=record)
+        for b in range(B):
+            draws = iter([xT[b]] + [n[b] for n in noise])
+            engine.add(f"fixture{b}", GenerationSpec(
+                model=case, num_images=1, timesteps=str(cfg["sample_steps"]), seed=0, guidance=cfg["guidance"],
+                class_labels=[int(ref["sample_y"][b])] if conditional else None),
+                noise_for=lambda i, draws=draws: (lambda: next(draws)))
+        engine.add("stranger", GenerationSpec(model=case, num_images=2, timesteps="7", seed=5, guidance=1.0,
+                                              class_labels=[1, 2] if conditional else None))
+        with torch.inference_mode():
+            while not engine.idle:
+                assert not engine.step().failed
+        if precision == "fp32":
+            engine_err[precision] = max(
+                rel(per_image[b][s][None].permute(0, 2, 3, 1), ref["sample_trajectory"][s, b][None])
+                for b in range(B) for s in range(n_steps))
+        else:
+            ours = torch.stack([per_image[b][-1] for b in range(B)]).permute(0, 2, 3, 1)
+            engine_err[precision] = rel(ours, ref["sample_x0"])
+    ok = fwd_x0 <= FORWARD_TOL and fwd_v <= FORWARD_TOL and lib_worst <= TRAJECTORY_TOL and engine_err["fp32"] <= TRAJECTORY_TOL
+    return (f"| {case} | {fwd_x0:.1e} | {fwd_v:.1e} | {lib_worst:.1e} | {engine_err['fp32']:.1e} | "
+            f"{engine_err[low]:.1e} | {'PASS' if ok else 'FAIL'} |")
 
 
 def precision_check(device, steps: int, quick: bool = False) -> list[str]:
@@ -165,14 +170,13 @@ def precision_check(device, steps: int, quick: bool = False) -> list[str]:
     noise = [torch.randn(8, 3, 32, 32, device=device, generator=gen) for _ in range(steps)]
     timesteps = list(range(0, 1000, 1000 // steps))
     out = {}
-    torch.backends.cudnn.allow_tf32 = False  # the reference is true fp32 (cuDNN's default would be TF32)
-    for name, model in (("fp32", fp32), (low, half)):
-        channels_last = device.type == "cuda" and name != "fp32"
-        dtype = None if name == "fp32" else (torch.float16 if name == "fp16" else torch.bfloat16)
-        denoise = make_denoiser(model.networks[0], labels, 1.5, dtype, channels_last)
-        with torch.inference_mode():
-            out[name] = sample("ancestral", denoise, x_T.clone(), timesteps, model.schedule, noise=list(noise))
-    torch.backends.cudnn.allow_tf32 = True
+    with true_fp32():  # the reference is true fp32 (cuDNN's default would be TF32)
+        for name, model in (("fp32", fp32), (low, half)):
+            channels_last = device.type == "cuda" and name != "fp32"
+            dtype = None if name == "fp32" else (torch.float16 if name == "fp16" else torch.bfloat16)
+            denoise = make_denoiser(model.networks[0], labels, 1.5, dtype, channels_last)
+            with torch.inference_mode():
+                out[name] = sample("ancestral", denoise, x_T.clone(), timesteps, model.schedule, noise=list(noise))
     lines = [
         "## Reduced precision against fp32\n",
         "| what | relative error |\n|---|--:|",
@@ -183,10 +187,8 @@ def precision_check(device, steps: int, quick: bool = False) -> list[str]:
     church = PatchedUNet(next(e for e in RELEASED if e.name == "church_p4").config).to(device).eval()
     x = torch.randn(2, 3, 256, 256, device=device)
     t = torch.tensor([100, 700], device=device)
-    torch.backends.cudnn.allow_tf32 = False
-    with torch.inference_mode():
+    with true_fp32(), torch.inference_mode():
         ref = church(x, t, None)[0]
-    torch.backends.cudnn.allow_tf32 = True
     with torch.inference_mode():
         with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
             lowp = church(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x, t, None)[0]
@@ -237,7 +239,7 @@ def _cell(fn, gflop: float, peak) -> str:
 
 def throughput(device, batch_sizes: list[int], quick: bool, deadline: float) -> list[str]:
     """Eager forwards by batch size and precision; cells past the deadline are skipped."""
-    flops, peak = _flops(), _peak(device)
+    peak = _peak(device)
     variants = ["fp32", "fp16", "fp16+channels_last"] if device.type == "cuda" else ["fp32", "bf16"]
     lines = ["## Forward throughput (images/s; MFU = achieved / dense fp16 peak"
              + (f" {peak:.0f} TFLOP/s" if peak else ", peak unknown") + ")\n",
@@ -261,7 +263,7 @@ def throughput(device, batch_sizes: list[int], quick: bool, deadline: float) -> 
 def compiled_throughput(device, batch: int, quick: bool, deadline: float) -> list[str]:
     """torch.compile (default mode) and CUDA graphs (mode "reduce-overhead") against eager, at one
     batch size (each shape compiles anew). Last in the run: compiling is slow and may be cut short."""
-    flops, peak = _flops(), _peak(device)
+    peak = _peak(device)
     variants = ["fp16+channels_last", "fp16+cl+compile", "fp16+cl+cudagraphs"]
     lines = [f"## torch.compile and CUDA graphs, batch {batch} (images/s, MFU)\n",
              "| network | " + " | ".join(variants) + " |", "|---|" + "--:|" * len(variants)]

@@ -25,6 +25,7 @@ from PIL import Image
 
 from patchdiff_core.generation.pipeline import SamplingModel, generate
 from patchdiff_core.generation.spec import GenerationSpec
+from patchdiff_core.model.device import resolve_precision
 from patchdiff_core.service.jobs import JobStore
 from patchdiff_core.service.redis_conn import worker_redis
 from patchdiff_core.service.serve import _wait_for_socket, embedded_redis
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             records = [jobs.get(i) for i in ids]
             store = make_store(settings)
             reference = SamplingModel.load("digits", weights_dir=settings.weights_dir, device=args.device, precision="fp32")
-            served_precision = SamplingModel.load("digits", weights_dir=settings.weights_dir, device=args.device).precision
+            served_precision = resolve_precision("auto", reference.device)  # what the worker served at
             statuses: dict[str, int] = {}
             diffs, missing = [], 0
             for record, spec in zip(records, specs):

@@ -315,18 +315,16 @@ class UniPC(Sampler):
 
     def step(self, x, x0, v, alpha, alpha_next, state, noise, last):
         alpha, alpha_next = alpha.to(x.device).double(), alpha_next.to(x.device).double()
-        order_prev = state["order_prev"].to(x.device)
+        alpha_prev, order_prev = state["alpha_prev"].to(x.device), state["order_prev"].to(x.device)
         x0 = x0.float()
-        corrected = unipc_corrector(state["x_prev"], state["x0_prev"], state["x0_prev2"], x0,
-                                    state["alpha_prev"].to(x.device), state["alpha_prev2"].to(x.device), alpha, order_prev,
-                                    self.variant)
+        corrected = unipc_corrector(state["x_prev"], state["x0_prev"], state["x0_prev2"], x0, alpha_prev,
+                                    state["alpha_prev2"].to(x.device), alpha, order_prev, self.variant)
         x = torch.where(_rows(order_prev >= 1, x).bool(), corrected.to(x.dtype), x)
         order = torch.where((order_prev >= 1) & ~last.to(device=x.device, dtype=torch.bool), 2, 1)
-        x_next = unipc_predictor(x, x0, state["x0_prev"], alpha, state["alpha_prev"].to(x.device), alpha_next, order,
-                                 self.variant)
+        x_next = unipc_predictor(x, x0, state["x0_prev"], alpha, alpha_prev, alpha_next, order, self.variant)
         return x_next.to(torch.float32), {
             "x_prev": x.float(), "x0_prev": x0, "x0_prev2": state["x0_prev"], "alpha_prev": alpha,
-            "alpha_prev2": state["alpha_prev"].to(x.device).double(), "order_prev": order,
+            "alpha_prev2": alpha_prev, "order_prev": order,
         }
 
 

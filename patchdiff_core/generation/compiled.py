@@ -44,7 +44,7 @@ class CompiledForward:
     def __init__(self, net: PatchedUNet, dtype: torch.dtype | None, channels_last: bool, max_rows: int, mode: str):
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")
-        self.net, self.mode = net, mode
+        self.mode = mode
         self.sizes = buckets(max_rows)
         self.compiled_forward = network_forward(torch.compile(net, mode=mode, dynamic=False), dtype, channels_last)
         self.eager_forward = network_forward(net, dtype, channels_last)
