@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from patchdiff_core.diffusion.names import SamplerName
+from patchdiff_core.diffusion.respacing import SPEC_FORMS
 from patchdiff_core.generation.registry import SamplingDefaults
 from patchdiff_core.generation.spec import GenerationSpec
 from patchdiff_core.service.events import EventName
@@ -23,7 +24,7 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(default=1, ge=1)
     class_label: int | None = Field(default=None, description="one label for every image; null = random labels from the seed")
     class_labels: list[int] | None = Field(default=None, max_length=10_000, description="one label per image")
-    timesteps: str | None = Field(default=None, description="respacing: 'N', 'ddimN', 'logsnrN', 'karrasN' or 'N1,N2,...'", max_length=100)
+    timesteps: str | None = Field(default=None, description=f"respacing: {SPEC_FORMS}", max_length=100)
     sampler: SamplerName | None = None
     guidance: float | None = Field(default=None, description="classifier-free guidance weight; 1.0 = none")
     seed: int | None = Field(default=None, ge=0, lt=2**63)

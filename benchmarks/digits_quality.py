@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -59,15 +60,20 @@ from patchdiff_core.diffusion.names import SAMPLER_NAMES
 NUM_CLASSES = 10
 DIGIT_RES = 8
 DIGIT_MAX = 16.0  # sklearn's digits are counts 0..16 of set pixels in 4x4 blocks
+# A searched 5-step schedule of `unipc_bh1` for the demo model: `patchdiff tune-timesteps --model
+# digits --steps 5` on a CPU (160 images). The model's default (weights/manifest.json) was searched
+# on a GPU with 1000 images; benchmarks/gpu_quality.sh measures both (README, "Searched schedules").
+SEARCHED_5 = "t:217,461,607,734,999"
 # The steps-vs-quality table in the README: the reference first, then the few-step settings.
 DEFAULT_SETTINGS = ",".join(
-    ["ancestral:250:1.0", "unipc_bh1:10:1.0", "unipc_bh1:5:1.0", "unipc:10:1.0", "unipc:5:1.0", "dpmpp_2m:10:1.0"]
+    ["ancestral:250:1.0", f"unipc_bh1:{SEARCHED_5}:1.0", "unipc_bh1:10:1.0", "unipc_bh1:5:1.0", "unipc:10:1.0"]
+    + ["unipc:5:1.0", "dpmpp_2m:10:1.0"]
     + ["dpmpp_2m:5:1.0", "ddim:10:1.0"]
     + ["ddim:5:1.0", "ancestral:10:1.0", "unipc:20:1.0", "dpmpp_2m:20:1.0", "ddim:20:1.0", "unipc:karras10:1.0"]
     + ["unipc:logsnr10:1.0", "dpmpp_2m:karras10:1.0", "dpmpp_2m:logsnr10:1.0", "dpmpp_2m_sde:10:1.0"]
     + ["ancestral:50:1.0", "dpmpp_2m:100:1.0"]  # the old default; the ODE's own limit (converged)
     + ["ancestral:100:1.5", "ancestral:50:1.5", "ddim:10:1.5", "dpmpp_2m:10:1.5", "unipc:10:1.5", "unipc:5:1.5"]
-    + ["unipc_bh1:10:1.5", "unipc_bh1:5:1.5"]
+    + ["unipc_bh1:10:1.5", "unipc_bh1:5:1.5", f"unipc_bh1:{SEARCHED_5}:1.5"]
     + ["dpmpp_2m:5:1.5"]
 )
 FEATURE_SEED = 0
@@ -226,17 +232,26 @@ class Setting:
         return f"{self.sampler} {self.timesteps}, w={self.guidance}"
 
 
+_SETTING = re.compile(r"\s*([^:,\s]+):(t:[0-9,]+|[^:,]+):([^:,]+)\s*(?:,|$)")
+
+
 def parse_settings(text: str) -> list[Setting]:
-    """"ancestral:250:1.0,ddim:20:1.5" -> settings (timesteps as `--timesteps` takes them: 250, ddim50, ...)."""
-    settings = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        parts = item.split(":")
-        if len(parts) != 3:
+    """"ancestral:250:1.0,ddim:20:1.5" -> settings (timesteps as `--timesteps` takes them: 250, ddim50,
+    karras10, or an explicit list such as t:0,300,999, whose commas stay with the list)."""
+    settings, pos = [], 0
+    while pos < len(text.rstrip()):
+        match = _SETTING.match(text, pos)
+        if match is None:
+            item = text[pos:].split(",")[0].strip()
             raise ValueError(f"setting {item!r}: expected sampler:timesteps:guidance")
-        sampler, steps, guidance = parts
+        sampler, steps, guidance = match.groups()
         if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"setting {item!r}: sampler must be one of {', '.join(SAMPLER_NAMES)}")
-        settings.append(Setting(sampler, steps, float(guidance)))
+            raise ValueError(f"setting {match.group(0).strip(' ,')!r}: sampler must be one of {', '.join(SAMPLER_NAMES)}")
+        try:
+            settings.append(Setting(sampler, steps.rstrip(","), float(guidance)))
+        except ValueError:
+            raise ValueError(f"setting {match.group(0).strip(' ,')!r}: the guidance must be a number") from None
+        pos = match.end()
     if not settings:
         raise ValueError("no settings given")
     return settings
@@ -396,6 +411,8 @@ def plot(rows: list[Row], floor: float | None, path: Path, title: str = "") -> N
     import matplotlib.pyplot as plt
 
     def spacing(t: str) -> str:
+        if t.startswith("t:"):
+            return "searched"  # an explicit list: here, one from `patchdiff tune-timesteps`
         return "".join(ch for ch in t if not ch.isdigit()) or "uniform"
 
     groups: dict[tuple, list[Row]] = {}
@@ -403,7 +420,7 @@ def plot(rows: list[Row], floor: float | None, path: Path, title: str = "") -> N
         if r.steps:
             groups.setdefault((r.sampler, spacing(r.timesteps), r.guidance), []).append(r)
     colours = dict(zip(SAMPLER_NAMES, plt.get_cmap("tab10").colors))
-    markers = {"uniform": "o", "karras": "s", "logsnr": "^", "ddim": "D"}
+    markers = {"uniform": "o", "karras": "s", "logsnr": "^", "ddim": "D", "searched": "*"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     for (sampler, sp, guidance), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.nfe)
@@ -439,6 +456,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 (default: fp32, so CPU and GPU compare)")
     p.add_argument("--plot", type=Path, help="write FD against network evaluations as a PNG here")
     p.add_argument("--json", action="store_true", help="one JSON object instead of Markdown")
+    p.add_argument("--json-out", type=Path, help="also write the JSON object here (for digits_quality_seeds.py)")
     return p
 
 
@@ -496,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         floor = rows[0].fd if args.per_class * NUM_CLASSES == 300 else None
         plot(rows, floor, args.plot, f"digits demo: FD against sampling cost ({args.per_class * NUM_CLASSES} "
              f"images per setting, seed {args.seed}, {model.device.type})")
+    result = {"info": info, "seed": args.seed, "held_out_accuracy": ref.held_out_accuracy, "rows": [asdict(r) for r in rows]}
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result))
     if args.json:
-        print(json.dumps({"info": info, "held_out_accuracy": ref.held_out_accuracy, "rows": [asdict(r) for r in rows]}))
+        print(json.dumps(result))
     else:
         print(render_markdown(info, rows))
     return 0

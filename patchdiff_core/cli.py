@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from patchdiff_core.diffusion.names import SAMPLER_NAMES
+from patchdiff_core.diffusion.names import NOISY_SAMPLERS, SAMPLER_NAMES
+from patchdiff_core.diffusion.respacing import SPEC_FORMS
 from patchdiff_core.errors import PatchdiffError
 from patchdiff_core.service.settings import get_settings
 
@@ -260,6 +261,46 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_tune_timesteps(args: argparse.Namespace) -> None:
+    from patchdiff_core.diffusion.respacing import resolve_timesteps
+    from patchdiff_core.generation.pipeline import SamplingModel
+    from patchdiff_core.generation.tuning import tune_timesteps
+
+    starts = args.start or [str(args.steps)]
+    for start in starts:  # before loading anything: a typo should not cost a reference run
+        try:
+            count = len(resolve_timesteps(start))
+        except ValueError as exc:
+            raise PatchdiffError(f"--start {start}: {exc}") from None
+        if count != args.steps:
+            raise PatchdiffError(f"--start {start}: gives {count} steps, not --steps {args.steps}")
+    if args.guidance < 1.0:
+        raise PatchdiffError("--guidance: must be at least 1.0 (1.0 = no guidance)")
+    settings = get_settings()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    name = args.model or (None if args.weights else settings.default_model)
+    model = SamplingModel.load(name, args.weights, settings.weights_dir, args.device or settings.device, args.precision or "auto")
+    if args.guidance != 1.0 and model.config.num_classes <= 1:
+        raise PatchdiffError(f"--guidance: {model.name} is unconditional")
+    print(f"{model.name}: {args.sampler}, {args.num_images} images, {model.device} {model.precision}", file=sys.stderr)
+
+    def report(steps: list[int], error: float) -> None:
+        if not args.quiet:
+            print(f"  {steps}: {error:.3g}", file=sys.stderr)
+
+    tunings = tune_timesteps(
+        model, args.sampler, starts, args.num_images, guidance=args.guidance, batch_size=args.batch_size, on_improve=report
+    )
+    for start, tuning in zip(starts, tunings):
+        result = tuning.search
+        print(f"from {start} {result.start}: error {result.start_error:.3g} -> {result.error:.3g} "
+              f"({result.evaluations} schedules tried)", file=sys.stderr)
+    print(min(tunings, key=lambda t: t.search.error).spec)
+
+
 _FLAG = {"class_labels": "class-label", "timesteps": "timesteps", "guidance": "guidance"}
 
 
@@ -292,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output path (default samples.png / samples/ / samples.npz)")
     p.add_argument("--action", choices=["grid", "folder", "npz"], default="grid")
     p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--timesteps", help="respacing: 'N', 'ddimN', 'logsnrN', 'karrasN' or 'N1,N2,...' (default: the model's)")
+    p.add_argument("--timesteps", help=f"respacing: {SPEC_FORMS} (default: the model's)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--modified-stride", action="store_true", help="the seed's 90,60,60,20,20 spacing")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (1.0 = none)")
@@ -328,6 +369,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name stored in the exported file (default: its stem)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "tune-timesteps",
+        help="search a model's few-step schedule (the steps that bring a sampler closest to the converged ODE)",
+        description="Prints the best schedule as a --timesteps spec ('t:...'), which the CLI, the API and a "
+        "manifest's defaults take.",
+    )
+    p.add_argument("--model", help="registry model name (default: PATCHDIFF_DEFAULT_MODEL)")
+    p.add_argument("--weights", action="append", type=Path, help="model file(s) anywhere; twice for a split pair")
+    p.add_argument("--sampler", choices=[n for n in SAMPLER_NAMES if n not in NOISY_SAMPLERS], default="unipc_bh1")
+    p.add_argument("--steps", type=_positive, default=5, help="network evaluations (taken steps; default 5)")
+    p.add_argument("--start", action="append", help="a start schedule spec (repeatable; default: evenly spread --steps)")
+    p.add_argument("--num-images", type=_positive, default=160, help="tuning images (default 160)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=_positive, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tune_timesteps)
 
     p = sub.add_parser("serve", help="start the whole service: (embedded) Redis, API and workers")
     p.add_argument("--workers", type=_positive, default=1)

@@ -16,10 +16,11 @@ pytest.importorskip("torch")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load():
-    name = "patchdiff_benchmarks_digits_quality"
+def _load(script: str = "digits_quality"):
+    """A script of benchmarks/ (not a package) as a module."""
+    name = f"patchdiff_benchmarks_{script}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "digits_quality.py")
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{script}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -97,7 +98,12 @@ def test_accuracy_and_settings():
     assert dq.Setting("ancestral", "100", 1.5) in settings  # the guided reference
     assert {s.sampler for s in settings} == {"ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"}
     assert dq.parse_settings("ddim:ddim50:2") == [dq.Setting("ddim", "ddim50", 2.0)]
-    for bad in ("ddim:20", "euler:20:1.0", ""):
+    # An explicit schedule keeps its commas: they separate its steps, not settings.
+    assert dq.parse_settings("ancestral:250:1.0, unipc_bh1:t:126,361,516,686,999:1.0,ddim:20:1.5") == [
+        dq.Setting("ancestral", "250", 1.0), dq.Setting("unipc_bh1", "t:126,361,516,686,999", 1.0),
+        dq.Setting("ddim", "20", 1.5),
+    ]
+    for bad in ("ddim:20", "euler:20:1.0", "", "ddim:20:x", "ddim:20:1.0,ddim:10"):
         with pytest.raises(ValueError):
             dq.parse_settings(bad)
 
@@ -150,3 +156,32 @@ def test_real_vs_real_floor_and_feature_net(reference):
     labels = reference.labels[reference.fd_reference_index]
     zeros, ones = reference.fd_reference[labels == 0], reference.fd_reference[labels == 1]
     assert dq._load_metrics().frechet_distance(zeros, ones) > 10 * floor.fd
+
+
+def _run(seed: int, fds: dict[str, float]) -> dict:
+    rows = [{"setting": "real", "sampler": "-", "guidance": None, "steps": 0, "nfe": 0, "fd": 2.5, "images": 0}]
+    for name, fd in fds.items():
+        sampler, steps = name.split()
+        rows.append({"setting": name, "sampler": sampler, "guidance": 1.0, "steps": int(steps), "nfe": int(steps),
+                     "fd": fd, "images": 100})
+    return {"seed": seed, "rows": rows}
+
+
+def test_seed_summary_ratios_worst_and_pooled(tmp_path):
+    seeds = _load("digits_quality_seeds")
+    runs = [_run(0, {"ancestral 250": 1.0, "unipc 5": 1.2, "ddim 10": 3.0}),
+            _run(1, {"ancestral 250": 2.0, "unipc 5": 1.0})]  # ddim 10 is missing in one run: left out
+    summary = seeds.summarise(runs)
+    by_name = {s["setting"]: s for s in summary}
+    assert set(by_name) == {"ancestral 250", "unipc 5"}
+    unipc = by_name["unipc 5"]
+    assert unipc["ratio"] == pytest.approx([1.2, 0.5]) and unipc["worst"] == pytest.approx(1.2)
+    assert unipc["pooled"] == pytest.approx(2.2 / 3.0)
+    assert by_name["ancestral 250"]["ratio"] == [1.0, 1.0]
+    table = seeds.render(summary)
+    assert "| unipc 5 | 5 | 1.20 (1.20×) | 1.00 (0.50×) | 1.20× | 0.73× |" in table
+    paths = []
+    for run in runs:
+        paths.append(tmp_path / f"q{run['seed']}.json")
+        paths[-1].write_text(__import__("json").dumps(run))
+    assert seeds.main([str(p) for p in paths]) == 0

@@ -25,14 +25,14 @@ def test_new_samplers_are_named_everywhere():
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"])
-@pytest.mark.parametrize("timesteps", ["logsnr10", "karras5", "10"])
+@pytest.mark.parametrize("timesteps", ["logsnr10", "karras5", "10", "t:126,361,516,686,999"])
 def test_api_accepts_few_step_requests(sampler, timesteps):
     req = GenerateRequest(model="digits", num_images=2, sampler=sampler, timesteps=timesteps, seed=1)
     spec, _cost = build_spec(req, Settings(), _served())
     assert (spec.sampler, spec.timesteps) == (sampler, timesteps)
 
 
-@pytest.mark.parametrize("timesteps", ["logsnr1", "karras1001", "logsnrx", "karras"])
+@pytest.mark.parametrize("timesteps", ["logsnr1", "karras1001", "logsnrx", "karras", "t:5", "t:5,5", "t:0,1000", "t:x"])
 def test_api_rejects_bad_few_step_specs(timesteps):
     req = GenerateRequest(model="digits", num_images=1, sampler="dpmpp_2m", timesteps=timesteps, seed=1)
     with pytest.raises(SpecError) as info:

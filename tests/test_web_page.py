@@ -92,6 +92,10 @@ def test_page_generates_watches_and_cancels(page, service, tmp_path):
     # Every control has a label (screen readers, and clicking the label focuses the control).
     unlabeled = page.evaluate("[...document.querySelectorAll('input, select')].filter(e => !e.labels.length).map(e => e.id)")
     assert unlabeled == []
+    # The model's own defaults fill the form, whatever form its steps take (the demo's: a searched 't:' list).
+    defaults = next(m for m in httpx.get(f"{url}/models").json() if m["name"] == "digits")["defaults"]
+    assert page.input_value("#steps") == defaults["timesteps"]
+    assert page.input_value("#sampler") == defaults["sampler"]
     # Record every value the progress bar shows.
     page.evaluate("""() => {
         window.progressSeen = [];

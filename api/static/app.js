@@ -73,7 +73,7 @@ function onModelChange() {
   $("guidance").disabled = !conditional;
   $("guidance").value = model.defaults.guidance;
   $("sampler").value = model.defaults.sampler;
-  if (/^\d+$/.test(model.defaults.timesteps)) $("steps").value = model.defaults.timesteps;
+  $("steps").value = model.defaults.timesteps;  // any spec: "50", "karras10", a tuned "t:..." list
 }
 
 function showFormError(message) {
@@ -84,7 +84,7 @@ function requestBody() {
   const body = {
     model: $("model").value,
     num_images: Number($("num-images").value),
-    timesteps: String($("steps").value),
+    timesteps: $("steps").value.trim(),
     sampler: $("sampler").value,
   };
   if ($("class").value !== "" && !$("class").disabled) body.class_label = Number($("class").value);

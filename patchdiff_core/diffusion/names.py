@@ -10,3 +10,6 @@ from typing import Literal, get_args
 
 SamplerName = Literal["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc_bh1"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+# The samplers that draw fresh noise at every step (`Sampler.needs_noise`); the others solve the ODE,
+# so their result is a function of the start noise alone (what `patchdiff tune-timesteps` needs).
+NOISY_SAMPLERS: tuple[str, ...] = ("ancestral", "dpmpp_2m_sde")

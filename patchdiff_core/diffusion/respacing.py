@@ -4,10 +4,12 @@
 Torch-free: the API validates a request's `timesteps` with the same function the sampler uses.
 
 Spec forms: 'N' (N evenly spread steps), 'ddimN' (integer stride), 'N1,N2,...' (ADM sections), and
-for few-step solvers 'logsnrN' (uniform in log-SNR, DPM-Solver's spacing) and 'karrasN' (Karras et
-al.'s rho = 7 spacing of the noise level sigma = sqrt((1 - alpha) / alpha)). The last two depend on
-the noise schedule, so they take the model's `beta_max` (0.02 for most models, 0.025 for ffhq); every
-spacing runs from t = 0 to t = 999, like the others.
+for few-step solvers 'logsnrN' (uniform in log-SNR, DPM-Solver's spacing), 'karrasN' (Karras et
+al.'s rho = 7 spacing of the noise level sigma = sqrt((1 - alpha) / alpha)) and 't:T1,T2,...' (the
+taken timesteps themselves, as diffusers' `timesteps=` argument: for a schedule searched per model,
+see `timestep_search`). 'logsnrN' and 'karrasN' depend on the noise schedule, so they take the
+model's `beta_max` (0.02 for most models, 0.025 for ffhq); they run from t = 0 to t = 999, like the
+ADM forms.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 NUM_TIMESTEPS = 1000
+SPEC_FORMS = "'N', 'ddimN', 'logsnrN', 'karrasN', 'N1,N2,...' (ADM sections) or 't:T1,T2,...' (the taken steps)"
+EXPLICIT_PREFIX = "t:"
 DEFAULT_BETA_MAX = 0.02
 KARRAS_RHO = 7.0
 # The seed's `--modified_stride` (ADM's LSUN spacing): 250 steps, denser near t = 0.
@@ -61,9 +65,7 @@ def _parse_count(text: str, spec: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(
-            f"invalid timestep spec {spec!r}: expected 'N', 'ddimN', 'logsnrN', 'karrasN' or 'N1,N2,...'"
-        ) from None
+        raise ValueError(f"invalid timestep spec {spec!r}: expected {SPEC_FORMS}") from None
 
 
 def log_snr_table(beta_max: float = DEFAULT_BETA_MAX, num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
@@ -109,12 +111,35 @@ def few_step_timesteps(kind: str, count: int, beta_max: float = DEFAULT_BETA_MAX
 FEW_STEP_SPACINGS = ("logsnr", "karras")
 
 
+def explicit_timesteps(spec: str) -> list[int]:
+    """'t:T1,T2,...' -> the taken steps, ascending: at least 2, distinct, each in 0..999, any order."""
+    parts = spec.strip()[len(EXPLICIT_PREFIX):].split(",")
+    try:
+        steps = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"invalid timestep spec {spec!r}: 't:' takes comma-separated integers, e.g. 't:0,300,999'") from None
+    if len(steps) < 2:
+        raise ValueError("sampling needs at least 2 timesteps")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"timestep spec {spec!r} repeats a step")
+    if min(steps) < 0 or max(steps) >= NUM_TIMESTEPS:
+        raise ValueError(f"timestep spec {spec!r}: every step must be in 0..{NUM_TIMESTEPS - 1}")
+    return sorted(steps)
+
+
+def format_explicit(steps: list[int]) -> str:
+    """The 't:...' spec of the given taken steps (ascending), which `resolve_timesteps` reads back."""
+    return EXPLICIT_PREFIX + ",".join(str(t) for t in sorted(steps))
+
+
 def resolve_timesteps(spec: str | int, beta_max: float = DEFAULT_BETA_MAX) -> list[int]:
     """The taken steps for a user-facing spec: distinct integers in 0..999, ascending, at least 2.
 
     `beta_max` (the model's schedule) matters only for the 'logsnrN' and 'karrasN' forms.
     """
     text = spec.strip() if isinstance(spec, str) else spec
+    if isinstance(text, str) and text.startswith(EXPLICIT_PREFIX):
+        return explicit_timesteps(text)
     kind = next((k for k in FEW_STEP_SPACINGS if isinstance(text, str) and text.startswith(k)), None)
     if kind is not None:
         steps = few_step_timesteps(kind, _parse_count(text[len(kind):], text), beta_max)

@@ -32,7 +32,7 @@ from functools import partial
 
 import torch
 
-from patchdiff_core.diffusion.names import SAMPLER_NAMES
+from patchdiff_core.diffusion.names import NOISY_SAMPLERS, SAMPLER_NAMES
 from patchdiff_core.diffusion.schedule import Schedule
 from patchdiff_core.model.unet import PatchedUNet
 
@@ -337,6 +337,7 @@ SAMPLERS: dict[str, Sampler] = {
     "unipc_bh1": UniPC("unipc_bh1", needs_noise=False, variant="bh1"),
 }
 assert tuple(SAMPLERS) == SAMPLER_NAMES, "names.SamplerName and SAMPLERS must list the same samplers"
+assert {n for n, s in SAMPLERS.items() if s.needs_noise} == set(NOISY_SAMPLERS), "names.NOISY_SAMPLERS is out of date"
 
 
 # -- the plain loop -----------------------------------------------------------------------------------
