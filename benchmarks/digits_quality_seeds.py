@@ -19,30 +19,22 @@ from pathlib import Path
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One entry per setting present in every run: NFE, per-seed ratios, worst, pooled."""
+    """One entry per setting present in every run: NFE, per-seed ratios, worst, pooled. The ratios
+    are the runs' own `fd_ratio` (digits_quality's `add_ratios`); the pooled one divides the sum of
+    the setting's FDs by the sum of its references' (each FD / its ratio)."""
     seeds = [run["seed"] for run in runs]
     by_run = [{r["setting"]: r for r in run["rows"] if r["steps"]} for run in runs]
     out = []
     for name, first in by_run[0].items():
         if not all(name in rows for rows in by_run):
             continue
-        rows = [rows[name] for rows in by_run]
-        refs = [_reference(run_rows, first["guidance"]) for run_rows in by_run]
+        fds = [rows[name]["fd"] for rows in by_run]
+        ratios = [rows[name]["fd_ratio"] for rows in by_run]
         out.append({
-            "setting": name, "nfe": first["nfe"], "seeds": seeds, "images": first["images"],
-            "fd": [r["fd"] for r in rows], "ratio": [r["fd"] / ref["fd"] for r, ref in zip(rows, refs)],
-            "worst": max(r["fd"] / ref["fd"] for r, ref in zip(rows, refs)),
-            "pooled": sum(r["fd"] for r in rows) / sum(ref["fd"] for ref in refs),
+            "setting": name, "nfe": first["nfe"], "seeds": seeds, "images": first["images"], "fd": fds,
+            "ratio": ratios, "worst": max(ratios), "pooled": sum(fds) / sum(fd / r for fd, r in zip(fds, ratios)),
         })
     return out
-
-
-def _reference(rows: dict[str, dict], guidance: float) -> dict:
-    """The ancestral setting with the most steps at this guidance (digits_quality's `add_ratios`)."""
-    candidates = [r for r in rows.values() if r["sampler"] == "ancestral" and r["guidance"] == guidance]
-    if not candidates:
-        raise SystemExit(f"no ancestral reference at guidance {guidance} in a run")
-    return max(candidates, key=lambda r: r["steps"])
 
 
 def render(summary: list[dict]) -> str:

@@ -33,7 +33,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 status=0
 
-default=$("$PY" -c 'import json; d = json.load(open("weights/manifest.json"))["models"][0]["defaults"]; print(d["sampler"], d["timesteps"], d["guidance"], sep=":")') || exit 1
+default=$("$PY" -c 'from pathlib import Path; from patchdiff_core.generation.registry import get_model
+d = get_model("digits", Path("weights")).defaults; print(d.sampler, d.timesteps, d.guidance, sep=":")') || exit 1
 settings="$KEY_SETTINGS,$default"
 for item in $DEVICE_TUNE; do
     start=$(date +%s)

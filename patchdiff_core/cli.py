@@ -98,20 +98,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
+def _load_sampling_model(args: argparse.Namespace):
+    """The model of `--model` / `--weights` (default: the settings' default model), on `--device` in `--precision`."""
+    from patchdiff_core.generation.pipeline import SamplingModel
+
+    settings = get_settings()
+    name = args.model or (None if args.weights else settings.default_model)
+    return SamplingModel.load(name, args.weights, settings.weights_dir, args.device or settings.device, args.precision or "auto")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
     from patchdiff_core.diffusion.respacing import MODIFIED_STRIDE
     from patchdiff_core.generation.images import write_outputs
-    from patchdiff_core.generation.pipeline import SamplingModel, generate
+    from patchdiff_core.generation.pipeline import generate
     from patchdiff_core.generation.spec import GenerationSpec, SpecError, check_spec, new_seed
 
-    settings = get_settings()
-    name = args.model or (None if args.weights else settings.default_model)
-    model = SamplingModel.load(
-        name, args.weights, settings.weights_dir, args.device or settings.device, args.precision or "auto"
-    )
+    model = _load_sampling_model(args)
     seed = new_seed() if args.seed is None else args.seed
     labels = args.class_label
     if labels is not None:
@@ -263,7 +268,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_tune_timesteps(args: argparse.Namespace) -> None:
     from patchdiff_core.diffusion.respacing import resolve_timesteps
-    from patchdiff_core.generation.pipeline import SamplingModel
     from patchdiff_core.generation.tuning import tune_timesteps
 
     starts = args.start or [str(args.steps)]
@@ -276,13 +280,11 @@ def cmd_tune_timesteps(args: argparse.Namespace) -> None:
             raise PatchdiffError(f"--start {start}: gives {count} steps, not --steps {args.steps}")
     if args.guidance < 1.0:
         raise PatchdiffError("--guidance: must be at least 1.0 (1.0 = no guidance)")
-    settings = get_settings()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    name = args.model or (None if args.weights else settings.default_model)
-    model = SamplingModel.load(name, args.weights, settings.weights_dir, args.device or settings.device, args.precision or "auto")
+    model = _load_sampling_model(args)
     if args.guidance != 1.0 and model.config.num_classes <= 1:
         raise PatchdiffError(f"--guidance: {model.name} is unconditional")
     print(f"{model.name}: {args.sampler}, {args.num_images} images, {model.device} {model.precision}", file=sys.stderr)

@@ -163,7 +163,7 @@ def _run(seed: int, fds: dict[str, float]) -> dict:
     for name, fd in fds.items():
         sampler, steps = name.split()
         rows.append({"setting": name, "sampler": sampler, "guidance": 1.0, "steps": int(steps), "nfe": int(steps),
-                     "fd": fd, "images": 100})
+                     "fd": fd, "fd_ratio": fd / fds["ancestral 250"], "images": 100})  # as add_ratios writes it
     return {"seed": seed, "rows": rows}
 
 

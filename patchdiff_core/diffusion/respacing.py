@@ -112,14 +112,13 @@ FEW_STEP_SPACINGS = ("logsnr", "karras")
 
 
 def explicit_timesteps(spec: str) -> list[int]:
-    """'t:T1,T2,...' -> the taken steps, ascending: at least 2, distinct, each in 0..999, any order."""
+    """'t:T1,T2,...' -> the taken steps, ascending: distinct, each in 0..999, given in any order
+    (`resolve_timesteps` checks that there are at least 2, as for every form)."""
     parts = spec.strip()[len(EXPLICIT_PREFIX):].split(",")
     try:
         steps = [int(p) for p in parts]
     except ValueError:
         raise ValueError(f"invalid timestep spec {spec!r}: 't:' takes comma-separated integers, e.g. 't:0,300,999'") from None
-    if len(steps) < 2:
-        raise ValueError("sampling needs at least 2 timesteps")
     if len(set(steps)) != len(steps):
         raise ValueError(f"timestep spec {spec!r} repeats a step")
     if min(steps) < 0 or max(steps) >= NUM_TIMESTEPS:
@@ -138,10 +137,10 @@ def resolve_timesteps(spec: str | int, beta_max: float = DEFAULT_BETA_MAX) -> li
     `beta_max` (the model's schedule) matters only for the 'logsnrN' and 'karrasN' forms.
     """
     text = spec.strip() if isinstance(spec, str) else spec
-    if isinstance(text, str) and text.startswith(EXPLICIT_PREFIX):
-        return explicit_timesteps(text)
     kind = next((k for k in FEW_STEP_SPACINGS if isinstance(text, str) and text.startswith(k)), None)
-    if kind is not None:
+    if isinstance(text, str) and text.startswith(EXPLICIT_PREFIX):
+        steps = explicit_timesteps(text)
+    elif kind is not None:
         steps = few_step_timesteps(kind, _parse_count(text[len(kind):], text), beta_max)
     else:
         steps = space_timesteps(NUM_TIMESTEPS, spec)

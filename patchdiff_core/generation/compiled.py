@@ -1,4 +1,4 @@
-"""A network forward through `torch.compile`, for the batching engine (opt-in: `PATCHDIFF_COMPILE`).
+"""A network forward through `torch.compile`, for the batching engine (opt-in: `PATCHDIFF_ENGINE_COMPILE`).
 
 The engine's row count changes from one step to the next (jobs arrive, finish, guided images take
 two rows), and a compiled graph (more so a CUDA graph) is specialised to one batch size. So rows

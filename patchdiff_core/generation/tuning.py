@@ -49,23 +49,27 @@ class ScheduleError:
     ):
         if sampler not in SAMPLERS or SAMPLERS[sampler].needs_noise:
             raise ValueError(f"timesteps can be tuned for a deterministic sampler, not {sampler!r}")
-        self.model, self.sampler, self.seed, self.guidance = model, sampler, seed, guidance
-        self.batches = [range(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)]
-        classes = model.config.num_classes
-        self.labels = [
-            None if classes <= 1 else torch.tensor([i % classes for i in b], dtype=torch.long, device=model.device)
-            for b in self.batches
+        self.model, self.sampler = model, sampler
+        classes, res = model.config.num_classes, model.config.res
+        batches = [range(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)]
+        # Per batch, built once (the search evaluates hundreds of schedules): its denoiser (labels
+        # cycling through the classes) and its start noise, image i's own as in `generate`.
+        self.denoisers = [
+            model.denoiser(
+                None if classes <= 1 else torch.tensor([i % classes for i in b], dtype=torch.long, device=model.device),
+                guidance,
+            )
+            for b in batches
         ]
+        self.starts = [ImageNoise(seed, b, (3, res, res), model.device)() for b in batches]
         self.reference = self._run(REFERENCE_SAMPLER, resolve_timesteps(str(reference_steps), model.config.beta_max))
 
     def _run(self, sampler: str, timesteps: list[int]) -> list[torch.Tensor]:
-        res = self.model.config.res
-        out = []
-        for indices, labels in zip(self.batches, self.labels):
-            noise = ImageNoise(self.seed, indices, (3, res, res), self.model.device)
-            x0 = sample(sampler, self.model.denoiser(labels, self.guidance), noise(), timesteps, self.model.schedule, noise=noise)
-            out.append(x0.clamp(-1.0, 1.0))
-        return out
+        # Deterministic samplers draw no noise after the start, so `sample` gets none.
+        return [
+            sample(sampler, denoise, x_t, timesteps, self.model.schedule).clamp(-1.0, 1.0)
+            for denoise, x_t in zip(self.denoisers, self.starts)
+        ]
 
     def __call__(self, timesteps: list[int]) -> float:
         total = sum(float(((x - ref) ** 2).sum()) for x, ref in zip(self._run(self.sampler, timesteps), self.reference))
