@@ -341,6 +341,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, one timed iteration (smoke run)")
     parser.add_argument("--out", type=Path, help="write the Markdown report here (also printed)")
     parser.add_argument("--budget", type=float, default=400, help="seconds; later cells are skipped past it")
+    parser.add_argument("--sections", help="comma-separated names of the sections to run (default: all): "
+                        "header, golden, precision, engine rows, engine burst, throughput, compiled")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     start = time.monotonic()
@@ -358,6 +360,12 @@ def main(argv=None) -> None:
         ("throughput", lambda: throughput(device, [1, 2] if quick else [1, 4, 16, 64, 256], quick, deadline(0.7))),
         ("compiled", lambda: compiled_throughput(device, 2 if quick else 64, quick, deadline(0.85))),
     ]
+    if args.sections:
+        wanted = {name.strip() for name in args.sections.split(",")}
+        unknown = wanted - {name for name, _ in sections}
+        if unknown:
+            parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+        sections = [(name, section) for name, section in sections if name in wanted]
     report: list[str] = []
     for name, section in sections:
         began = time.monotonic()

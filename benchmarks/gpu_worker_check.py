@@ -2,10 +2,12 @@
 
 An embedded redis-server (as `patchdiff serve` starts it), a burst of mixed jobs submitted through the
 job contract the API uses (`JobStore.submit`), and the real worker (`worker.main.run_worker`, burst
-mode: it exits once the queues are empty) on the device at its default precision (fp16 on CUDA) with
-its default rows per forward. Then every job must have finished with its PNGs in the store, and each
-picture is compared with the library's `generate` in fp32 on the same device (same seeds, so the same
-noise): the mean and worst grey-level difference.
+mode: it exits once the queues are empty) on the device at its default precision (the model's
+`cuda_precision`, fp16 unless the registry says otherwise) with its default rows per forward, and
+eager (`engine_compile="off"`: a burst this short ends before a compile would, and the compiled
+forwards' pictures are compared with eager ones by `gpu_serving_check.py`). Then every job must have
+finished with its PNGs in the store, and each picture is compared with the library's `generate` in
+fp32 on the same device (same seeds, so the same noise): the mean and worst grey-level difference.
 
     python benchmarks/gpu_worker_check.py --out benchmarks/results/gpu_check.md   # appends a section
 """
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 
 from patchdiff_core.generation.pipeline import SamplingModel, generate
+from patchdiff_core.generation.registry import get_model
 from patchdiff_core.generation.spec import GenerationSpec
 from patchdiff_core.model.device import resolve_precision
 from patchdiff_core.service.jobs import JobStore
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
         try:
             _wait_for_socket(url)
             settings = Settings(redis_url=url, store_dir=data / "results", device=args.device, log_format="text",
-                                worker_models=["digits"])
+                                worker_models=["digits"], engine_compile="off")
             jobs = JobStore(worker_redis(settings), settings)
             specs = mixed_burst(args.quick)
             ids = [jobs.submit(spec)[0].id for spec in specs]
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
             records = [jobs.get(i) for i in ids]
             store = make_store(settings)
             reference = SamplingModel.load("digits", weights_dir=settings.weights_dir, device=args.device, precision="fp32")
-            served_precision = resolve_precision("auto", reference.device)  # what the worker served at
+            served_precision = resolve_precision(  # what the worker served at
+                "auto", reference.device, cuda_default=get_model("digits", settings.weights_dir).cuda_precision or "fp16")
             statuses: dict[str, int] = {}
             diffs, missing = [], 0
             for record, spec in zip(records, specs):

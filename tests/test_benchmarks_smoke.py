@@ -128,3 +128,36 @@ def test_forward_main(forward, monkeypatch, capsys):
 
     assert forward.main(args) == 0
     assert "## Forward-pass throughput" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_section(tmp_path):
+    """`benchmarks/gpu_check.sh --smoke`: every section of the prepared GPU check, tiny, on the CPU, so
+    that the script a GPU machine runs cannot rot. The numbers are not judged, except what holds on
+    any device: the golden fixtures pass in fp32, and a worker restarted with the compile cache its
+    first start filled loads the compiled graph (hits, no misses) instead of compiling it again."""
+    import os
+    import re
+    import subprocess
+
+    env = {**os.environ, "PY": sys.executable, "OUT_DIR": str(tmp_path)}
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--smoke"], env=env, capture_output=True,
+                         text=True, timeout=1500, check=False)
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + report[-3000:]
+    assert "FAILED" not in report, report
+    for heading in ("## Golden fixtures on the device", "## Attention and layout",
+                    "## Goal 1: the church_p4-sized network served by default",
+                    "## Goal 2: the demo model served by default",
+                    "## Goal 3: worker start to full speed, cold and warm",
+                    "## Goal 4: a service burst against the engine alone",
+                    "## Precision per model", "## Buckets: CUDA graphs and the dynamic batch dimension",
+                    "## The worker on the device, end to end"):
+        assert heading in report
+    assert report.count("| PASS |") == 3  # the three golden fixtures in fp32
+    cache = dict(re.findall(r"^\| (cold|warm) \|(?:[^|]*\|){4} (\d+ / \d+) \|", report, re.MULTILINE))
+    hits, misses = (int(n) for n in cache["cold"].split(" / "))
+    assert hits == 0 and misses >= 1, cache
+    hits, misses = (int(n) for n in cache["warm"].split(" / "))
+    assert hits >= 1 and misses == 0, cache
+    assert (tmp_path / "gpu_sample.png").stat().st_size > 0

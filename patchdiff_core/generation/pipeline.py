@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from patchdiff_core.model.checkpoint import file_sha256, load_model, read_metada
 from patchdiff_core.model.config import ModelConfig
 from patchdiff_core.model.device import PRECISIONS, resolve_device, resolve_precision
 from patchdiff_core.model.unet import PatchedUNet
+
+if TYPE_CHECKING:  # compiled.py imports torch.compile machinery only when a model is compiled
+    from patchdiff_core.generation.compiled import Compilation, CompilePlan, CompileTarget
 
 
 def image_noise(seed: int, index: int, shape: tuple[int, ...], device: torch.device) -> Callable[[], torch.Tensor]:
@@ -101,7 +105,7 @@ class SamplingModel:
             raise PatchdiffError(f"{name} needs {len(entry.files)} weight files, got {len(paths)}")
 
         dev = resolve_device(device)
-        prec = resolve_precision(precision, dev)
+        prec = resolve_precision(precision, dev)  # a bad precision fails before the weights are read
         # Raw Keras files carry no config: they take the registry's.
         networks = [load_model(p, entry.config if entry and p.suffix == ".h5" else None, dev) for p in paths]
         config = networks[0].config
@@ -111,6 +115,8 @@ class SamplingModel:
             networks = [n.to(memory_format=torch.channels_last) for n in networks]
         if entry is None:
             entry = _entry_from_file(paths[0], config)
+        if precision == "auto":  # on CUDA: the precision measured best for this model (its registry entry), else fp16
+            prec = resolve_precision(precision, dev, cuda_default=entry.cuda_precision or "fp16")
         digests = [file_sha256(p) for p in paths]
         if entry.sha256 and not weights and digests != entry.sha256:
             raise CheckpointError(
@@ -138,16 +144,36 @@ class SamplingModel:
         dtype, channels_last = PRECISIONS[self.precision], self.device.type == "cuda"
         return [network_forward(n, dtype, channels_last) for n in self.networks]
 
-    def compile(self, max_rows: int, mode: str = "default", warm_up: bool = True) -> None:
-        """Serve `forwards` through torch.compile, rows padded to fixed sizes up to `max_rows`
-        (`generation/compiled.py`); `warm_up` compiles every size now rather than on first use."""
-        from patchdiff_core.generation.compiled import compile_forwards
+    def compile_targets(self, max_rows: int, setting: str = "auto",
+                        plan: CompilePlan | None = None) -> list[CompileTarget]:
+        """Serve `forwards` through torch.compile (`generation/compiled.py`): they run eagerly until a
+        `Compilation` of the returned targets has compiled their row buckets, then compiled. `plan`
+        (default: `compile_plan` for the setting, rows and device) says what to compile; no targets
+        when it is None ("off", or "auto" on the CPU)."""
+        from patchdiff_core.generation.compiled import CompiledForward, CompileTarget, compile_plan
 
-        forwards = compile_forwards(self.networks, PRECISIONS[self.precision], self.device.type == "cuda", max_rows, mode)
-        if warm_up:
-            for forward in forwards:
-                forward.warm_up(self.device, self.config.res, self.config.conditional)
+        plan = plan or compile_plan(self.config, self.device, max_rows, setting)
+        if plan is None:
+            return []
+        dtype, channels_last = PRECISIONS[self.precision], self.device.type == "cuda"
+        forwards = [CompiledForward(net, dtype, channels_last, plan) for net in self.networks]
         self.forwards = forwards  # replaces the cached eager ones
+        return [CompileTarget(self.name if len(forwards) == 1 else f"{self.name}[{i}]", forward, self.device,
+                              self.config.res, self.config.conditional) for i, forward in enumerate(forwards)]
+
+    def compile(self, max_rows: int, setting: str = "auto", background: bool = False,
+                plan: CompilePlan | None = None) -> Compilation | None:
+        """`compile_targets`, compiled now or (`background`) in a thread while the model serves eagerly."""
+        from patchdiff_core.generation.compiled import Compilation
+
+        targets = self.compile_targets(max_rows, setting, plan)
+        if not targets:
+            return None
+        compilation = Compilation(targets)
+        if background:
+            return compilation.start()
+        compilation.run()
+        return compilation
 
     def network_for(self, t: int) -> int:
         """Which network samples timestep t: the high-noise one (index 1) from `switch_t` up."""

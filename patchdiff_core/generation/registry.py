@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +40,11 @@ class ModelEntry(BaseModel):
     classes: list[str] | None = None
     defaults: SamplingDefaults = SamplingDefaults()
     sha256: list[str] | None = None
+    # The precision the model is served in on CUDA, chosen by measuring speed and error against fp32
+    # (benchmarks/gpu_serving_check.py, section "precision"); None: fp16. "fp32" there means TF32
+    # tensor cores for convolutions and matmuls (a worker serving such a model allows TF32 matmuls).
+    # The CPU always runs fp32.
+    cuda_precision: Literal["fp16", "bf16", "fp32"] | None = None
     # Other manifest keys (e.g. `training_command`, the provenance of a trained model) are for people.
 
     def paths(self, weights_dir: Path) -> list[Path]:
