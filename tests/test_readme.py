@@ -1,14 +1,15 @@
-"""Every `bash` and `python` block of README.md runs as written.
+"""Every `bash` and `python` block of README.md and of the docs pages (docs/**/*.md) runs as written.
 
-Blocks run in order, each in a fresh process, in one scratch folder that links to this checkout's
-files (so what they write, grid.png, data/, docs/..., lands there), with `.venv/bin` first on PATH
-(the README's "patchdiff on your PATH"). The marker on the last non-blank line above a fence says
-how a block is run:
+Blocks run in order (the README first, then the pages by path), each in a fresh process, in one
+scratch folder that links to this checkout's files (so what they write, grid.png, data/, ..., lands
+there), with `.venv/bin` first on PATH (the README's "patchdiff on your PATH"). The marker on the
+last non-blank line above a fence says how a block is run:
 
     <!-- test: skip (why) -->     not run (the reason is for the reader)
     <!-- test: server -->         started in the background; the test waits for GET /readyz on a
                                   free port (given to it as PATCHDIFF_API_PORT) and stops it after
-                                  the blocks that need it
+                                  the blocks that need it. One such block in all the docs: the
+                                  README's, and the pages' needs-server blocks use it too
     <!-- test: needs-server -->   run while the server is up, with `8000` replaced by its port
 
 Blocks of other languages (```text, plain ```) are not run. A block fails the test when it exits
@@ -30,11 +31,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+# The README, then every page of the docs site, in a fixed order.
+DOCUMENTS = [README] + sorted((REPO / "docs").rglob("*.md"))
 VENV_BIN = REPO / ".venv" / "bin"
 MARKER = re.compile(r"^<!--\s*test:\s*(skip|server|needs-server)\b.*-->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
-# What the scratch folder gets fresh instead of a link to the checkout (blocks write there).
-FRESH = {"data", "runs", "docs", ".pytest_cache", "grid.png", "job.json"}
+# What the scratch folder gets fresh instead of a link to the checkout (blocks write there), and the
+# kinds of top-level file that blocks make (never linked, so a stray one in the checkout is not overwritten).
+FRESH = {"data", "runs", "docs", "site", ".pytest_cache", "grid.png", "job.json"}
+OUTPUT_SUFFIXES = {".png", ".npz", ".json", ".log"}
 
 
 @dataclass
@@ -44,14 +49,15 @@ class Block:
     line: int  # of the opening fence, 1-based
     mode: str  # run | skip | server | needs-server
     heading: str
+    doc: str = "README.md"  # the file, relative to the checkout
 
     @property
     def id(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")
-        return f"L{self.line}-{self.lang}-{slug}"
+        return f"{self.doc}:L{self.line}-{self.lang}-{slug}"
 
 
-def readme_blocks(text: str) -> list[Block]:
+def doc_blocks(text: str, doc: str = "README.md") -> list[Block]:
     blocks: list[Block] = []
     lines = text.splitlines()
     heading, i = "", 0
@@ -70,28 +76,33 @@ def readme_blocks(text: str) -> list[Block]:
             body.append(lines[i])
             i += 1
         if i == len(lines):
-            raise AssertionError(f"README.md:{start + 1}: unclosed code fence")
+            raise AssertionError(f"{doc}:{start + 1}: unclosed code fence")
         i += 1
         if lang not in ("bash", "sh", "shell", "python"):
             continue
         prev = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         marker = MARKER.match(prev.strip())
         mode = marker.group(1) if marker else "run"
-        blocks.append(Block("python" if lang == "python" else "bash", "\n".join(body) + "\n", start + 1, mode, heading))
+        blocks.append(Block("python" if lang == "python" else "bash", "\n".join(body) + "\n", start + 1, mode, heading, doc))
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text())
+BLOCKS = [b for path in DOCUMENTS for b in doc_blocks(path.read_text(), str(path.relative_to(REPO)))]
 
 
 def test_the_extractor_finds_the_blocks():
     """The markers and fences parse the way the docstring says (a guard for README edits)."""
     sample = "# A\n\n<!-- test: skip (no) -->\n```bash\nfalse\n```\n\n```python\nprint(1)\n```\n```text\nx\n```\n"
-    got = readme_blocks(sample)
-    assert [(b.lang, b.mode, b.line, b.heading) for b in got] == [("bash", "skip", 4, "A"), ("python", "run", 8, "A")]
+    got = doc_blocks(sample, "docs/x.md")
+    assert [(b.lang, b.mode, b.line, b.heading, b.doc) for b in got] == [
+        ("bash", "skip", 4, "A", "docs/x.md"), ("python", "run", 8, "A", "docs/x.md")]
+    assert len(DOCUMENTS) > 5 and all(path.exists() for path in DOCUMENTS)
     modes = [b.mode for b in BLOCKS]
-    assert modes.count("server") <= 1, "one server block at most"
-    assert "run" in modes and any(b.lang == "python" and b.mode == "run" for b in BLOCKS)
+    servers = [b for b in BLOCKS if b.mode == "server"]
+    assert len(servers) <= 1 and all(b.doc == "README.md" for b in servers), "one server block at most: the README's"
+    readme = [b for b in BLOCKS if b.doc == "README.md"]
+    assert any(b.mode == "run" for b in readme) and any(b.lang == "python" and b.mode == "run" for b in readme)
+    assert any(b.doc.startswith("docs/guide/") and b.mode in ("run", "needs-server") for b in BLOCKS)
     if "needs-server" in modes:
         assert "server" in modes and modes.index("server") < modes.index("needs-server")
 
@@ -107,7 +118,8 @@ def _free_port() -> int:
 def scratch(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     for entry in REPO.iterdir():
-        if entry.name not in FRESH and entry.name != ".git":
+        made_by_blocks = entry.is_file() and entry.suffix in OUTPUT_SUFFIXES
+        if entry.name not in FRESH and entry.name != ".git" and not made_by_blocks:
             (root / entry.name).symlink_to(entry)
     (root / "docs").mkdir()
     return root
@@ -126,7 +138,7 @@ def _run(block: Block, cwd: Path, env: dict[str, str], code: str, timeout: float
     argv = ["bash", "-e", "-o", "pipefail", "-c", code] if block.lang == "bash" else [str(VENV_BIN / "python"), "-c", code]
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (
-        f"README.md:{block.line} ({block.heading}) exited {proc.returncode}\n--- block\n{code}"
+        f"{block.doc}:{block.line} ({block.heading}) exited {proc.returncode}\n--- block\n{code}"
         f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     )
 
@@ -144,7 +156,7 @@ class Server:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"README.md:{block.line}: the server block exited {self.proc.returncode}:\n"
+                raise AssertionError(f"{block.doc}:{block.line}: the server block exited {self.proc.returncode}:\n"
                                      + self.log.read_text()[-3000:])
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
@@ -153,7 +165,7 @@ class Server:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise AssertionError(f"README.md:{block.line}: no ready server on port {self.port}:\n" + self.log.read_text()[-3000:])
+        raise AssertionError(f"{block.doc}:{block.line}: no ready server on port {self.port}:\n" + self.log.read_text()[-3000:])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -201,6 +213,6 @@ def test_readme_block(block: Block, scratch: Path, request):
 
 def test_readme_library_example_makes_a_picture():
     """The library example saves a real image (the issue's NameError example is gone for good)."""
-    lib = [b for b in BLOCKS if b.lang == "python" and "load_model" in b.code]
+    lib = [b for b in BLOCKS if b.doc == "README.md" and b.lang == "python" and "load_model" in b.code]
     assert lib and all(b.mode == "run" for b in lib), "the library example must be a run block"
     assert any(".save(" in b.code for b in lib)

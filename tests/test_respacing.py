@@ -87,3 +87,32 @@ def test_logsnr_spacing_is_uniform_in_log_snr():
     assert resolve_timesteps("logsnr10", 0.025) != steps
     # The ADM forms ignore beta_max.
     assert resolve_timesteps("50", 0.025) == resolve_timesteps("50")
+
+
+# Only ASCII digits count: Python's int() would take a sign, underscores, spaces around a number and
+# any Unicode decimal digit (Arabic-Indic, Devanagari, fullwidth), so each form is parsed by pattern.
+LENIENT_BY_INT = [
+    "t:٥,٩٩٩", "t:५,९९९", "t:５,９９９", "t:+5,999", "t:-0,999", "t:1_0,999", "t: 5 , 999 ",
+    "+250", "2_50", "２５０", "٢٥٠", "\u3000250", "250\xa0", "ddim+50", "ddim5_0", "ddim ５0", "ddim５０", "ddim 50",
+    "karras+10", "karras1_0", "karras１０", "logsnr 10", "logsnr+10", "90,60,+60,20,20",
+    "90, 60,60,20,20", "90,60,60,20,2_0", "90,60,60,20,２0",
+]
+
+
+@pytest.mark.parametrize("spec", LENIENT_BY_INT)
+def test_specs_take_ascii_digits_only(spec):
+    with pytest.raises(ValueError, match="timestep spec"):
+        resolve_timesteps(spec)
+
+
+@pytest.mark.parametrize("spec", [True, False])
+def test_a_boolean_is_not_a_step_count(spec):
+    with pytest.raises(ValueError):
+        resolve_timesteps(spec)
+
+
+@pytest.mark.parametrize("spec, count", [("250", 250), ("ddim50", 50), ("karras10", 10), ("logsnr10", 10),
+                                         ("90,60,60,20,20", 250), ("t:5,999", 2), ("t:0,0500,999", 3), (20, 20),
+                                         (" 250\n", 250), (" t:5,999 ", 2)])  # spaces around the whole spec
+def test_strict_forms_still_read(spec, count):
+    assert len(resolve_timesteps(spec)) == count

@@ -10,9 +10,15 @@ taken timesteps themselves, as diffusers' `timesteps=` argument: for a schedule 
 see `timestep_search`). 'logsnrN' and 'karrasN' depend on the noise schedule, so they take the
 model's `beta_max` (0.02 for most models, 0.025 for ffhq); they run from t = 0 to t = 999, like the
 ADM forms.
+
+Every count and step is ASCII digits: no sign, underscore, inner space or other script's digits,
+in every form (spaces around the whole spec are ignored); the CLI, the API and the worker share this
+one parser.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -23,6 +29,12 @@ DEFAULT_BETA_MAX = 0.02
 KARRAS_RHO = 7.0
 # The seed's `--modified_stride` (ADM's LSUN spacing): 250 steps, denser near t = 0.
 MODIFIED_STRIDE = "90,60,60,20,20"
+# A count or a step is ASCII digits and nothing else. Python's int() also takes a sign, underscores,
+# surrounding whitespace and every Unicode decimal digit ('٥', '५', '５'), none of which a spec
+# documents (and `\d` matches those digits too, unless re.ASCII), so the class is spelled out.
+_DIGITS = re.compile(r"[0-9]+")
+_LIST = re.compile(r"[0-9]+(?:,[0-9]+)*")
+_OUTER_SPACE = " \t\r\n"  # ASCII only: str.strip() would also take Unicode spaces
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -> list[int]:
@@ -31,17 +43,19 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
     `section_counts` is an int or "N" (N evenly spread steps), "ddimN" (an integer stride that gives
     exactly N steps), or a list / comma-separated string of per-section counts.
     """
+    if isinstance(section_counts, bool):  # an int to Python; ValueError as for every bad spec (a 422)
+        raise ValueError(f"invalid timestep spec {section_counts!r}: expected {SPEC_FORMS}")
     if isinstance(section_counts, int):
         section_counts = [section_counts]
     if isinstance(section_counts, str):
-        spec = section_counts.strip()
+        spec = section_counts.strip(_OUTER_SPACE)
         if spec.startswith("ddim"):
             desired = _parse_count(spec[len("ddim"):], spec)
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
-        section_counts = [_parse_count(part, spec) for part in spec.split(",")]
+        section_counts = _parse_list(spec, spec)
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start, steps = 0, []
     for i, count in enumerate(section_counts):
@@ -62,10 +76,18 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
 
 
 def _parse_count(text: str, spec: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"invalid timestep spec {spec!r}: expected {SPEC_FORMS}") from None
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(f"invalid timestep spec {spec!r}: expected {SPEC_FORMS}, "
+                         "with counts in ASCII digits (no sign, space or underscore)")
+    return int(text)
+
+
+def _parse_list(text: str, spec: str, example: str = "'90,60,60,20,20'") -> list[int]:
+    """Comma-separated ASCII integers, nothing else (no spaces, signs or underscores)."""
+    if not _LIST.fullmatch(text):
+        raise ValueError(f"invalid timestep spec {spec!r}: expected {SPEC_FORMS}; a list is comma-separated "
+                         f"integers in ASCII digits with no spaces, signs or underscores, e.g. {example}")
+    return [int(part) for part in text.split(",")]
 
 
 def log_snr_table(beta_max: float = DEFAULT_BETA_MAX, num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
@@ -114,11 +136,7 @@ FEW_STEP_SPACINGS = ("logsnr", "karras")
 def explicit_timesteps(spec: str) -> list[int]:
     """'t:T1,T2,...' -> the taken steps, ascending: distinct, each in 0..999, given in any order
     (`resolve_timesteps` checks that there are at least 2, as for every form)."""
-    parts = spec.strip()[len(EXPLICIT_PREFIX):].split(",")
-    try:
-        steps = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"invalid timestep spec {spec!r}: 't:' takes comma-separated integers, e.g. 't:0,300,999'") from None
+    steps = _parse_list(spec.strip(_OUTER_SPACE)[len(EXPLICIT_PREFIX):], spec, example="'t:0,300,999'")
     if len(set(steps)) != len(steps):
         raise ValueError(f"timestep spec {spec!r} repeats a step")
     if min(steps) < 0 or max(steps) >= NUM_TIMESTEPS:
@@ -136,7 +154,7 @@ def resolve_timesteps(spec: str | int, beta_max: float = DEFAULT_BETA_MAX) -> li
 
     `beta_max` (the model's schedule) matters only for the 'logsnrN' and 'karrasN' forms.
     """
-    text = spec.strip() if isinstance(spec, str) else spec
+    text = spec.strip(_OUTER_SPACE) if isinstance(spec, str) else spec
     kind = next((k for k in FEW_STEP_SPACINGS if isinstance(text, str) and text.startswith(k)), None)
     if isinstance(text, str) and text.startswith(EXPLICIT_PREFIX):
         steps = explicit_timesteps(text)
