@@ -12,7 +12,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from patchdiff_core.service.jobs import JobRecord, JobStore
+from patchdiff_core.service.jobs import JobStore
+from patchdiff_core.service.records import JobRecord
 from patchdiff_core.service.settings import Settings
 from patchdiff_core.service.store import JOB_ID, ObjectStore
 
@@ -93,9 +94,10 @@ async def visible_job(job_id: Annotated[str, Depends(valid_job_id)], caller: Cal
     """The job named in the path, if this caller may see it; 404 otherwise (whether it does not
     exist or belongs to another tenant: the answer does not tell which). Async: one round trip
     on the asyncio client for the record and its place in line, no worker thread."""
-    record = await jobs.aget(job_id)
+    record, deliveries = await jobs.aget(job_id)
     if record is None or not caller.sees(record):
         raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
+    record.webhook_deliveries = deliveries
     return record
 
 

@@ -1,19 +1,15 @@
-"""What one caller can cost: the request body size (ASGI middleware), the submission rate per key,
-and validation errors that can always be encoded (non-finite numbers)."""
+"""What one caller can cost: the request body size (ASGI middleware) and the submission rate per key.
+(Validation errors, which must be encodable whatever the input held, are in `api.errors`.)"""
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 from fastapi import HTTPException
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from patchdiff_core.service.jobs import PREFIX, JobStore
+from patchdiff_core.service.jobs import JobStore
 
 
 class BodyTooLarge(Exception):
@@ -89,7 +85,7 @@ def check_submit_rate(jobs: JobStore, owner: str, per_minute: int) -> None:
     if per_minute <= 0:
         return
     window = int(time.time() // 60)
-    key = f"{PREFIX}:rate:{owner}:{window}"
+    key = jobs.keys.rate(owner, window)
     with jobs.redis.pipeline(transaction=False) as pipe:
         pipe.incr(key)
         pipe.expire(key, 61)
@@ -99,21 +95,3 @@ def check_submit_rate(jobs: JobStore, owner: str, per_minute: int) -> None:
         raise HTTPException(status_code=429, detail=f"at most {per_minute} submissions per minute per API key",
                             headers={"Retry-After": str(retry_after)})
 
-
-def _finite(value: Any) -> Any:
-    """JSON cannot carry NaN or ±Infinity, nor bytes that are not UTF-8: name them as text in error details."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, bytes):  # a body that was not JSON (no JSON content type) is echoed as bytes
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, but encodable whatever the input held (`1e400`, `NaN`, `Infinity`, or a body
-    that is neither JSON nor UTF-8: FastAPI's own encoder would fail on those and answer 500)."""
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(_finite(exc.errors()))})

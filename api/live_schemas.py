@@ -1,35 +1,13 @@
-"""The contract of live progress: job events (SSE and webhook payloads) and webhook delivery status."""
+"""The contract of live progress: webhook payloads and delivery status. The event data itself
+(`JobEventData`) is defined with the events, in `patchdiff_core.service.events`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from patchdiff_core.service.events import EventName
-
-
-class PreviewLink(BaseModel):
-    url: str = Field(description="GET it for the latest preview PNG (the step is only there to make URLs distinct)")
-    bytes: int
-    png_base64: str | None = Field(default=None, description="the same PNG inline, when it is small enough")
-
-
-class JobEventData(BaseModel):
-    """The JSON `data` of every event on `/jobs/{id}/events` and of every webhook's `data`."""
-
-    job_id: str
-    status: str
-    reason: str | None = Field(default=None, description="queued: submitted or why it was requeued; failed/cancelled: why")
-    queue_position: int | None = Field(default=None, description="queued events sent while waiting: jobs ahead (0 = next)")
-    worker: str | None = None
-    attempt: int | None = None
-    step: int | None = None
-    total: int | None = None
-    fraction: float | None = None
-    preview: PreviewLink | None = Field(default=None, description="progress: a new preview of the job's grid")
-    num_results: int | None = None
-    links: dict[str, Any] | None = Field(default=None, description="finished: grid, images, record")
+from patchdiff_core.service.events import EventName, JobEventData, PreviewLink  # noqa: F401 - the documented event contract
 
 
 class WebhookPayload(BaseModel):

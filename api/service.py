@@ -4,32 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Collection, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
-from patchdiff_core.generation.registry import ModelEntry, SamplingDefaults
+from patchdiff_core.generation.registry import ModelEntry, SamplingDefaults, all_models
 from patchdiff_core.generation.spec import GenerationSpec, SpecError, check_spec, new_seed, random_labels
 from patchdiff_core.model.config import ModelConfig
-from patchdiff_core.service.jobs import JobRecord, JobStore, job_cost
+from patchdiff_core.service.records import JobRecord, job_cost, result_links
 from patchdiff_core.service.settings import Settings
 
 from .schemas import GenerateRequest, JobView, Links, ModelView, Progress, Timings
 
 
 class NotServed(Exception):
-    """A model this server knows, but no live worker serves it now: try again later (503)."""
+    """An installed model that no live worker serves now: its workers may come back (503)."""
 
 
 def build_spec(
-    req: GenerateRequest, settings: Settings, served: dict[str, dict], known: set[str] = frozenset()
+    req: GenerateRequest, settings: Settings, served: dict[str, dict],
+    known: Mapping[str, ModelEntry] | Collection[str] = frozenset(), announced: AbstractSet[str] = frozenset(),
 ) -> tuple[GenerationSpec, int]:
     """Check a request against the limits in settings and the model it names; fill in defaults.
-    Returns the spec and its cost (`job_cost`)."""
+    Returns the spec and its cost (`job_cost`).
+
+    `served`: what live workers serve; `known`: the models of this server's registry (names, or
+    `all_models`' entries); `announced`: models some worker has announced, live or not. A model that
+    no live worker serves is a 503 (`NotServed`) only while retrying can work: it is installed (its
+    files are in this server's weights directory, or a worker announced it; the API's image carries
+    no weights). Otherwise it is a 422 naming `model`, with how to install it."""
     name = req.model or settings.default_model
     if name not in served:
-        if name in known or not served:
-            raise NotServed(f"no live worker serves model {name!r} now")
-        available = ", ".join(sorted(served))
-        raise SpecError("model", f"model {name!r} is not served by any live worker; available: {available}")
+        raise _unavailable(name, settings, served, known, announced)
     info = served[name]
     config = ModelConfig.model_validate(info["config"])
     defaults = SamplingDefaults.model_validate(info.get("defaults") or {})
@@ -72,35 +78,52 @@ def build_spec(
     return spec, cost
 
 
+def _unavailable(name: str, settings: Settings, served: dict[str, dict],
+                 known: Mapping[str, ModelEntry] | Collection[str], announced: AbstractSet[str]) -> Exception:
+    if name in announced:
+        return NotServed(f"no live worker serves model {name!r} now")
+    entries = known if isinstance(known, Mapping) else all_models(settings.weights_dir)
+    entry = entries.get(name) if name in known else None
+    if entry is not None and entry.installed(settings.weights_dir):
+        return NotServed(f"no live worker serves model {name!r} now")
+    if entry is not None:
+        return SpecError("model", not_installed_message(entry, settings.weights_dir))
+    models = ", ".join(sorted({*served, *known, *announced})) or "none"
+    return SpecError("model", f"unknown model {name!r}; the models here: {models} (GET /models)")
+
+
+def not_installed_message(entry: ModelEntry, weights_dir: Path) -> str:
+    """What the CLI says of a model without weights, with the command that installs them."""
+    missing = [f for f in entry.files if not (weights_dir / f).is_file()] or entry.files
+    sources = ["ema_weights.h5"] if len(missing) == 1 else [f"{Path(f).stem}.h5" for f in missing]  # a pair: two files
+    commands = " and ".join(f"`patchdiff convert {h5} weights/{f} --model {entry.name}`" for h5, f in zip(sources, missing))
+    return (f"model {entry.name!r} is known but not installed: its weights ({', '.join(missing)}) are neither in this "
+            f"server's weights directory nor on any worker. Convert the authors' checkpoint with {commands} in a "
+            f"worker's weights directory, and start the worker with PATCHDIFF_WORKER_MODELS={entry.name}")
+
+
 def request_fingerprint(req: GenerateRequest) -> str:
     """The request as the client sent it (a retry without a seed must match the first attempt)."""
     body = req.model_dump_json(exclude={"idempotency_key"})
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def job_view(record: JobRecord, jobs: JobStore, base_url: str) -> JobView:
+def job_view(record: JobRecord, base_url: str) -> JobView:
     from .webhook import webhook_view  # here: api.webhook imports this module
 
     now = time.time()
     job_url = f"{base_url}/jobs/{record.id}"
     links = Links(self=job_url)
     if record.status == "finished":
-        links = Links(
-            self=job_url,
-            grid=f"{job_url}/grid.png",
-            images=[f"{job_url}/images/{i}.png" for i in range(record.num_results)],
-            record=f"{job_url}/record.json",
-        )
-    start = record.started_at
-    end = record.finished_at
+        links = Links(self=job_url, **result_links(record.id, record.num_results, base_url))
+    start, end = record.started_at, record.finished_at
     return JobView(
         id=record.id,
         status=record.status,
-        # A queued job that a worker has already taken off the RQ list (it is starting) is next: 0.
-        queue_position=(jobs.queue_position(record) or 0) if record.status == "queued" else None,
-        progress=Progress(
-            step=record.step, total=record.total, fraction=round(record.step / record.total, 4) if record.total else 0.0
-        ),
+        # A queued job that a worker has already taken from its queue (it is starting) is next: 0.
+        queue_position=(record.queue_position or 0) if record.status == "queued" else None,
+        progress=Progress(step=record.step, total=record.total, images_done=record.images_done,
+                          fraction=round(record.step / record.total, 4) if record.total else 0.0),
         timings=Timings(
             created_at=record.created_at,
             started_at=start,
@@ -114,7 +137,7 @@ def job_view(record: JobRecord, jobs: JobStore, base_url: str) -> JobView:
         worker=record.worker,
         cancel_requested=record.cancel_requested,
         links=links,
-        webhook=webhook_view(record, jobs.redis),
+        webhook=webhook_view(record),
     )
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import redis
-
 from patchdiff_core.generation.spec import SpecError
 from patchdiff_core.service import webhooks
-from patchdiff_core.service.jobs import JobRecord
+from patchdiff_core.service.records import JobRecord
 from patchdiff_core.service.settings import Settings
 
 from .live_schemas import WebhookDelivery, WebhookView
@@ -32,9 +30,9 @@ def checked_webhook(req: GenerateRequest, settings: Settings) -> tuple[str | Non
     return req.webhook, events
 
 
-def webhook_view(record: JobRecord, conn: redis.Redis) -> WebhookView | None:
+def webhook_view(record: JobRecord) -> WebhookView | None:
     if not record.webhook:
         return None
-    deliveries = webhooks.delivery_status(conn, record.id)[-50:]
+    deliveries = record.webhook_deliveries[-50:]
     return WebhookView(url=record.webhook, events=(record.webhook_events or "").split(","),
                        deliveries=[WebhookDelivery.model_validate(d) for d in deliveries])

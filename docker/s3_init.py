@@ -1,8 +1,10 @@
 """One-shot set-up of the results bucket, run by the compose stack's `s3-init` service (API image).
 
 Waits for the S3 server, creates PATCHDIFF_STORE_S3_BUCKET if it is missing, and sets its retention
-rule: objects under PATCHDIFF_STORE_S3_PREFIX/ expire after RESULTS_RETENTION_DAYS days
-(0: no rule). Idempotent: safe on every `docker compose up`. Only the plain S3 API is used
+rule: objects under PATCHDIFF_STORE_S3_PREFIX/ expire a day after the janitor should have deleted
+them (`store.lifecycle_days`, from PATCHDIFF_JOB_TTL_S: one setting for both, so they cannot
+disagree; the rule only catches files whose record was lost). Idempotent: safe on every `docker
+compose up`. Only the plain S3 API is used
 (CreateBucket, PutBucketLifecycleConfiguration), so any S3-compatible server that implements
 lifecycle expiration works. Exits non-zero, with the reason, if anything fails.
 """
@@ -17,11 +19,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from patchdiff_core.service.settings import Settings
+from patchdiff_core.service.store import lifecycle_days
+
 
 def main() -> int:
     bucket = os.environ["PATCHDIFF_STORE_S3_BUCKET"]
     prefix = os.environ.get("PATCHDIFF_STORE_S3_PREFIX", "jobs").strip("/")
-    days = int(os.environ.get("RESULTS_RETENTION_DAYS", "7"))
+    days = lifecycle_days(Settings().job_ttl_s)
     endpoint = os.environ.get("PATCHDIFF_STORE_S3_ENDPOINT_URL") or None
     timeout = float(os.environ.get("S3_INIT_TIMEOUT_S", "120"))
     s3 = boto3.client("s3", endpoint_url=endpoint,
@@ -45,16 +50,12 @@ def main() -> int:
         s3.create_bucket(Bucket=bucket)
         print(f"s3-init: created bucket {bucket}")
 
-    if days > 0:
-        rule = {"ID": f"patchdiff-results-{days}d", "Status": "Enabled",
-                "Filter": {"Prefix": f"{prefix}/" if prefix else ""}, "Expiration": {"Days": days}}
-        s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [rule]})
-        rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
-        for r in rules:
-            f = r.get("Filter", {}).get("Prefix", r.get("Prefix", ""))
-            print(f"s3-init: lifecycle rule: prefix {f!r} expires after {r.get('Expiration', {}).get('Days')} days")
-    else:
-        print("s3-init: RESULTS_RETENTION_DAYS=0: no retention rule")
+    rule = {"ID": f"patchdiff-results-{days}d", "Status": "Enabled",
+            "Filter": {"Prefix": f"{prefix}/" if prefix else ""}, "Expiration": {"Days": days}}
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [rule]})
+    for r in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]:
+        f = r.get("Filter", {}).get("Prefix", r.get("Prefix", ""))
+        print(f"s3-init: lifecycle rule: prefix {f!r} expires after {r.get('Expiration', {}).get('Days')} days")
     return 0
 
 

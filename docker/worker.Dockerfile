@@ -60,7 +60,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PATCHDIFF_STORE_DIR=/app/data/results
 RUN groupadd --gid 10001 patchdiff \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/patchdiff --shell /usr/sbin/nologin patchdiff \
-    && mkdir -p /app/data/results \
+    && mkdir -p /app/data/results /app/data/compile-cache /app/data/gpu-locks \
     && chown -R patchdiff:patchdiff /app/data
 COPY --from=deps /opt/venv /opt/venv
 # Fails the build if the torch is not the pinned version, or a CUDA build was asked for (no
@@ -80,10 +80,8 @@ RUN pip install --no-deps --no-build-isolation --no-index . && rm -rf build ./*.
 
 USER 10001:10001
 
-# Healthy while this container's worker has a live heartbeat key in Redis (it expires after
-# PATCHDIFF_HEARTBEAT_TTL_S): the same test the API's /readyz and the job reaper use. Worker names
-# start with the hostname, which is the container's own. The start period covers loading the models.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import socket, sys, redis; from patchdiff_core.service.jobs import JobStore; from patchdiff_core.service.settings import get_settings; r = redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=3, socket_timeout=3); sys.exit(0 if next(r.scan_iter(match=JobStore.worker_key(socket.gethostname() + '-*'), count=1000), None) else 1)"]
+# Healthy while the worker's control loop goes round (`worker/health.py`: a file it touches at least
+# every few seconds; no Redis call, no keyspace scan). The start period covers loading the models.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 CMD ["python", "-m", "worker.health"]
 
 CMD ["python", "-m", "worker"]

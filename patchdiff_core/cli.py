@@ -306,6 +306,24 @@ def cmd_tune_timesteps(args: argparse.Namespace) -> None:
 _FLAG = {"class_labels": "class-label", "timesteps": "timesteps", "guidance": "guidance"}
 
 
+def _default(function: str, name: str):
+    """The default of a library function's parameter (`module:function` or `module:Class.method`),
+    so that the CLI states no default of its own. Read from the module's source, not imported:
+    building the parser must not import torch (`patchdiff generate` and `serve` need none)."""
+    import ast
+    import importlib.util
+
+    module, _, path = function.partition(":")
+    tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
+    for part in path.split("."):
+        tree = next(node for node in tree.body if getattr(node, "name", None) == part)
+    args = tree.args
+    positional = args.posonlyargs + args.args
+    defaults = dict(zip([a.arg for a in positional][len(positional) - len(args.defaults):], args.defaults))
+    defaults |= {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None}
+    return ast.literal_eval(defaults[name])
+
+
 def _train_default(name: str):
     """`patchdiff train`'s defaults are TrainConfig's: written once."""
     from patchdiff_core.training.config import TrainConfig
@@ -334,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive, default=16)
     p.add_argument("--out", help="output path (default samples.png / samples/ / samples.npz)")
     p.add_argument("--action", choices=["grid", "folder", "npz"], default="grid")
-    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--batch-size", type=_positive, default=_default("patchdiff_core.generation.pipeline:generate", "batch_size"))
     p.add_argument("--timesteps", help=f"respacing: {SPEC_FORMS} (default: the model's)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--modified-stride", action="store_true", help="the seed's 90,60,60,20,20 spacing")
@@ -383,9 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=[n for n in SAMPLER_NAMES if n not in NOISY_SAMPLERS], default="unipc_bh1")
     p.add_argument("--steps", type=_positive, default=5, help="network evaluations (taken steps; default 5)")
     p.add_argument("--start", action="append", help="a start schedule spec (repeatable; default: evenly spread --steps)")
-    p.add_argument("--num-images", type=_positive, default=160, help="tuning images (default 160)")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--guidance", type=float, default=1.0)
+    tune = "patchdiff_core.generation.tuning:tune_timesteps"
+    p.add_argument("--num-images", type=_positive, default=_default(tune, "num_images"), help="tuning images (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=_default(tune, "batch_size"))
+    p.add_argument("--guidance", type=float, default=_default(tune, "guidance"))
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=_positive, help="CPU threads for torch")
@@ -393,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune_timesteps)
 
     p = sub.add_parser("serve", help="start the whole service: (embedded) Redis, API and workers")
-    p.add_argument("--workers", type=_positive, default=1)
+    p.add_argument("--workers", type=_positive, default=_default("patchdiff_core.service.serve:serve", "workers"))
     p.add_argument("--port", type=int, help="API port (default PATCHDIFF_API_PORT or 8000)")
     p.set_defaults(func=cmd_serve)
 
@@ -412,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=_seed)
     p.add_argument("--out", default="grid.png")
-    p.add_argument("--poll", type=float, default=0.5, help="seconds between status polls")
+    p.add_argument("--poll", type=float, default=_default("patchdiff_core.service.client:PatchdiffClient.wait", "poll_s"),
+                   help="seconds between status polls")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
     return parser

@@ -100,6 +100,32 @@ class RedisServer:
             self.proc.wait(10)
 
 
+def announce_worker(jobs, name: str, models: dict[str, dict]):
+    """A live worker's heartbeat and announcement as `patchdiff worker` sends them, without a process
+    (so that the API accepts jobs for `models`: name -> description). Returns its `WorkerLink`."""
+    from patchdiff_core.service.worker_protocol import WorkerLink
+
+    link = WorkerLink(jobs.redis, jobs.settings, name, list(models))
+    link.report([], beat=True, announcement={"name": name, "models": list(models)}, model_descriptions=models)
+    return link
+
+
+def finish_next_job(link, num_results: int, model_sha256: tuple[str, ...] = ()) -> str:
+    """The fake worker `link` takes the next job of its models and finishes it (its results must be
+    put in the store by the caller, under attempt 1); returns its id."""
+    import json
+
+    from patchdiff_core.service.events import end_event, started_template
+    from patchdiff_core.service.worker_protocol import DONE, MoveOp
+
+    record, = link.start(link.report([], take=1).taken, started_template(link.name).to_json())
+    fields = {"num_results": str(num_results), "finished_at": repr(time.time()), "results_attempt": str(record.attempt),
+              "model_sha256": json.dumps(list(model_sha256))}
+    op = MoveOp(record, record.attempt, "finished", fields, end_event(record.id, "finished", num_results=num_results).to_json())
+    assert link.report([op]).verdicts == [DONE]
+    return record.id
+
+
 def _pings(client) -> bool:
     try:
         return client.ping()
@@ -132,7 +158,7 @@ def service_env(redis_url: str, weights_dir: Path, store_dir: Path, **extra: str
         "PATCHDIFF_HEARTBEAT_INTERVAL_S": "0.5",
         "PATCHDIFF_HEARTBEAT_TTL_S": "3",
         "PATCHDIFF_REDIS_RETRY_MAX_S": "0.5",
-        "PATCHDIFF_QUEUE_NAME": f"test-{os.getpid()}-{time.monotonic_ns()}",
+        "PATCHDIFF_REDIS_PREFIX": f"test-{os.getpid()}-{time.monotonic_ns()}",
         "OMP_NUM_THREADS": "1",
         **extra,
     })
@@ -142,14 +168,14 @@ def service_env(redis_url: str, weights_dir: Path, store_dir: Path, **extra: str
 class Processes:
     """Children started by a test; all are killed at the end."""
 
-    def __init__(self, env: dict[str, str], logdir: Path):
-        self.env, self.logdir = env, logdir
+    def __init__(self, env: dict[str, str], logdir: Path, cwd: Path = REPO):
+        self.env, self.logdir, self.cwd = env, logdir, cwd
         self.procs: list[subprocess.Popen] = []
         logdir.mkdir(parents=True, exist_ok=True)
 
     def spawn(self, args: list[str], tag: str, **extra_env: str) -> subprocess.Popen:
         log = open(self.logdir / f"{tag}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(args, env={**self.env, **extra_env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(args, env={**self.env, **extra_env}, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs.append(proc)
         return proc

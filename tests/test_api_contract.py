@@ -14,11 +14,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_harness import free_port
+from service_harness import announce_worker, finish_next_job, free_port
 
 from api.main import create_app
 from patchdiff_core.model.config import ModelConfig
-from patchdiff_core.service.events import preview_key
 from patchdiff_core.service.settings import Settings
 from patchdiff_core.service.store import result_key
 
@@ -29,7 +28,7 @@ UNKNOWN = "0" * 32
 
 def _settings(redis_url: str, tmp_path, **overrides) -> Settings:
     return Settings(redis_url=redis_url, store_dir=tmp_path / "store", default_model="tiny", heartbeat_ttl_s=600,
-                    queue_name=f"contract-{time.monotonic_ns()}", api_keys="main-key,capped-key",
+                    redis_prefix=f"contract-{time.monotonic_ns()}", api_keys="main-key,capped-key",
                     max_body_bytes=4096, max_queued_cost_per_key=150, sse_max_streams=2, **overrides)
 
 
@@ -47,16 +46,15 @@ def up(redis_url, tmp_path):
     with TestClient(create_app(_settings(redis_url, tmp_path))) as client:
         jobs, store = client.app.state.jobs, client.app.state.store
         info = {"name": "tiny", "config": TINY.model_dump(), "classes": [], "defaults": {"timesteps": "10"}}
-        jobs.heartbeat("fake", {"name": "fake", "models": {"tiny": info}})
+        link = announce_worker(jobs, "fake", {"tiny": info})
         body = {"num_images": 1, "timesteps": "10"}
-        queued = client.post("/generate", json=body, headers=KEY).json()["id"]
         done = client.post("/generate", json=body, headers=KEY).json()["id"]
-        assert jobs.start(done, "fake", 1) is not None
         for name in ("grid.png", "images/0.png"):
             store.put(result_key(done, name, 1), _png(), "image/png")
         store.put(result_key(done, "record.json", 1), b"{}", "application/json")
-        jobs.redis.set(preview_key(done), _png())
-        assert jobs.finish(done, 1, 1, [])
+        jobs.redis.set(jobs.keys.preview(done), _png())
+        assert finish_next_job(link, 1) == done
+        queued = client.post("/generate", json=body, headers=KEY).json()["id"]
         client.ids = {"queued": queued, "done": done}
         yield client
 
@@ -99,6 +97,8 @@ def recipes(up: TestClient, down: TestClient) -> dict[tuple[str, str, int], call
                                                           headers={**KEY, "content-type": "application/json"}),
         ("post", "/generate", 401): lambda: up.post("/generate", json=body),
         ("post", "/generate", 413): lambda: up.post("/generate", json={**body, "pad": "x" * 5000}, headers=KEY),
+        ("post", "/generate", 415): lambda: up.post("/generate", content=b'{"num_images": 1}',
+                                                          headers={**KEY, "content-type": "text/plain"}),
         ("post", "/generate", 422): lambda: up.post("/generate", json={"num_images": 0}, headers=KEY),
         ("post", "/generate", 429): capped_twice,
         ("post", "/generate", 503): lambda: up.post("/generate", json={**body, "model": "digits"}, headers=KEY),
@@ -106,6 +106,9 @@ def recipes(up: TestClient, down: TestClient) -> dict[tuple[str, str, int], call
         ("get", "/models", 401): lambda: up.get("/models"),
         ("get", "/models", 503): lambda: down.get("/models", headers=KEY),
         ("get", "/healthz", 200): lambda: down.get("/healthz"),
+        ("get", "/limits", 200): lambda: down.get("/limits"),  # the settings: no Redis, no key
+        ("get", "/autoscale", 200): lambda: up.get("/autoscale"),  # no key: an autoscaler reads it
+        ("get", "/autoscale", 503): lambda: down.get("/autoscale"),
         ("get", "/readyz", 200): lambda: up.get("/readyz"),
         ("get", "/readyz", 503): lambda: down.get("/readyz"),
         ("get", "/metrics", 200): lambda: down.get("/metrics"),  # even with Redis gone

@@ -6,6 +6,7 @@ import time
 import pytest
 import schemathesis
 from conftest import TINY_CONFIG
+from service_harness import announce_worker
 from hypothesis import HealthCheck, settings
 from schemathesis import checks as generic_checks
 from schemathesis.specs.openapi import checks as openapi_checks
@@ -24,13 +25,13 @@ def _app():
     tmp = Path(tempfile.mkdtemp(prefix="fuzz-"))
     server = RedisServer(tmp / "redis").start()
     app = create_app(Settings(redis_url=server.url, store_dir=tmp / "store", default_model="tiny",
-                              heartbeat_ttl_s=3600, queue_name=f"fuzz-{time.monotonic_ns()}",
+                              heartbeat_ttl_s=3600, redis_prefix=f"fuzz-{time.monotonic_ns()}",
                               max_queued_cost=0, max_queued_cost_per_key=0))
     info = {"name": "tiny", "config": ModelConfig(**TINY_CONFIG).model_dump(), "classes": [],
             "defaults": {"timesteps": "10"}}
     # A live worker for 'tiny' and for the schema's example model, so that a valid request is accepted
     # (a known model with no live worker is a documented 503, which the no-5xx check would count).
-    app.state.jobs.heartbeat("fake", {"name": "fake", "models": {"tiny": info, "digits": {**info, "name": "digits"}}})
+    announce_worker(app.state.jobs, "fake", {"tiny": info, "digits": {**info, "name": "digits"}})
     app.state.fuzz_redis = server
     return app
 

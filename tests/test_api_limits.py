@@ -4,13 +4,12 @@ body size, non-finite numbers, rate limit, queued-work caps, job cost ceiling, t
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from service_harness import free_port, wait_until
+from service_harness import announce_worker, free_port, wait_until
 
 from api.main import create_app
 from patchdiff_core.model.config import ModelConfig
@@ -23,13 +22,13 @@ TINY = ModelConfig(res=16, c=32, n_blocks=1, attn_resos=[4], c_mult=[1, 2], num_
 def _fake_worker(jobs: JobStore) -> None:
     """A heartbeat as a worker serving 'tiny' would publish it (no process needed to accept jobs)."""
     info = {"name": "tiny", "config": TINY.model_dump(), "classes": [], "defaults": {"timesteps": "10"}}
-    jobs.heartbeat("fake", {"name": "fake", "models": {"tiny": info}})
+    announce_worker(jobs, "fake", {"tiny": info})
 
 
 def _client(redis_url, tmp_path, **overrides):
     redis.Redis.from_url(redis_url).flushdb()
     settings = Settings(redis_url=redis_url, store_dir=tmp_path, default_model="tiny", heartbeat_ttl_s=600,
-                        queue_name=f"limits-{time.monotonic_ns()}", **overrides)
+                        **overrides)
     app = create_app(settings)
     _fake_worker(app.state.jobs)
     return TestClient(app)
@@ -84,15 +83,91 @@ def test_non_finite_numbers_are_422_naming_the_field(tenants, raw, field):
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
-def test_a_body_that_is_neither_json_nor_utf8_is_422_not_500(tenants, content_type):
-    """FastAPI echoes a non-JSON body as bytes in its 422; bytes that are not UTF-8 once broke the
-    error's encoding (500). With a JSON content type the same body is the documented 400."""
+@pytest.mark.parametrize("body", [b'{"num_images": 1}', b'{"num_images": "\xff\xfe"}'])
+def test_a_body_without_a_json_content_type_is_415_saying_what_to_send(tenants, content_type, body):
+    """Without a JSON content type FastAPI does not parse the body (its own answer: "Input should be
+    a valid dictionary or object"); the answer names the header to send. Bytes that are not UTF-8
+    once broke the error's encoding (500). With a JSON content type such bytes are the documented 400."""
     headers = {**A, **({"content-type": content_type} if content_type else {})}
-    response = tenants.post("/generate", content=b'{"num_images": "\xff\xfe"}', headers=headers)
-    assert response.status_code == 422, response.text
-    assert response.json()["detail"][0]["loc"] == ["body"]
+    response = tenants.post("/generate", content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    assert "content-type: application/json" in response.json()["detail"]
     as_json = tenants.post("/generate", content=b'{"num_images": "\xff"}', headers={**A, "content-type": "application/json"})
     assert as_json.status_code == 400, as_json.text
+    with_charset = tenants.post("/generate", content=b'{"num_images": 1}',
+                                headers={**A, "content-type": "application/json; charset=utf-8"})
+    assert with_charset.status_code == 202, with_charset.text
+
+
+def _field_errors(response) -> dict[str, str]:
+    assert response.status_code == 422, response.text
+    return {".".join(str(p) for p in error["loc"][1:]): error["msg"] for error in response.json()["detail"]}
+
+
+# What Python's int() and pydantic's lax mode let through, none of which the contract documents.
+@pytest.mark.parametrize("timesteps", ["t:٥,٩٩٩", "t:५,९९९", "t:５,９９９", "t:+5,999", "t:-0,999", "t:1_0,999",
+                                       "t: 5 , 999 ", "+250", "ddim+50", "karras1_0", "90, 60,60,20,20", True])
+def test_lenient_timesteps_are_422_naming_timesteps(tenants, timesteps):
+    errors = _field_errors(tenants.post("/generate", json={"num_images": 1, "timesteps": timesteps}, headers=A))
+    assert list(errors) == ["timesteps"], errors
+
+
+@pytest.mark.parametrize("field, value", [
+    ("guidance", "2"), ("guidance", True), ("guidance", "2.0"), ("num_images", "2"), ("num_images", True),
+    ("num_images", 2.0), ("seed", "42"), ("seed", True), ("seed", 4.0), ("class_label", "3"), ("class_label", True),
+    ("class_labels", ["1"]), ("class_labels", [True]),
+])
+def test_numbers_are_strict_no_strings_or_booleans(tenants, field, value):
+    body = {"num_images": 1, field: value} if field != "num_images" else {field: value}
+    errors = _field_errors(tenants.post("/generate", json=body, headers=A))
+    assert all(name.split(".")[0] == field for name in errors) and errors, errors
+
+
+def test_what_lenient_parsing_still_accepts(tenants):
+    """An integer guidance is a number; an integer timesteps is its decimal form; sampler names
+    are case-insensitive."""
+    job = tenants.post("/generate", json={"num_images": 1, "guidance": 2, "timesteps": 20, "sampler": "DDIM"},
+                       headers=A)
+    assert job.status_code == 202, job.text
+    request = job.json()["request"]
+    assert request["timesteps"] == "20" and request["sampler"] == "ddim" and request["guidance"] == 2.0
+    assert tenants.post("/generate", json={"num_images": 1, "sampler": "UniPC_BH1"}, headers=A).json()["request"][
+        "sampler"] == "unipc_bh1"
+    errors = _field_errors(tenants.post("/generate", json={"num_images": 1, "sampler": "euler"}, headers=A))
+    assert list(errors) == ["sampler"], errors
+
+
+@pytest.mark.parametrize("typo, meant", [("num_image", "num_images"), ("numImages", "num_images"),
+                                         ("class", "class_label"), ("classlabels", "class_labels"),
+                                         ("steps", "timesteps"), ("sede", "seed")])
+def test_an_unknown_field_names_the_nearest_valid_one(tenants, typo, meant):
+    errors = _field_errors(tenants.post("/generate", json={typo: 1}, headers=A))
+    assert f"did you mean `{meant}`?" in errors[typo], errors
+
+
+def test_an_unknown_field_with_no_near_name_lists_the_fields(tenants):
+    errors = _field_errors(tenants.post("/generate", json={"zzzzzz": 1}, headers=A))
+    assert "num_images" in errors["zzzzzz"] and "did you mean" not in errors["zzzzzz"], errors
+
+
+def test_a_known_model_without_weights_is_422_with_the_convert_command(tenants):
+    """church_p4 is a released model whose weights are neither in this server's weights directory
+    nor announced by a worker: retrying cannot help (no 503 + Retry-After); the answer says how to
+    install it, as the CLI does."""
+    response = tenants.post("/generate", json={"model": "church_p4", "num_images": 1}, headers=A)
+    errors = _field_errors(response)
+    assert "Retry-After" not in response.headers
+    assert list(errors) == ["model"] and "not installed" in errors["model"], errors
+    assert "patchdiff convert ema_weights.h5 weights/church_p4.safetensors --model church_p4" in errors["model"], errors
+    # An unknown name is a 422 that lists the models there are.
+    errors = _field_errors(tenants.post("/generate", json={"model": "churchp4", "num_images": 1}, headers=A))
+    assert list(errors) == ["model"] and "tiny" in errors["model"], errors
+
+
+def test_an_installed_model_whose_workers_are_down_is_503(tenants):
+    """digits' weights are in the weights directory (the repository's): its workers may come back."""
+    response = tenants.post("/generate", json={"model": "digits", "num_images": 1}, headers=A)
+    assert response.status_code == 503 and int(response.headers["retry-after"]) > 0, response.text
 
 
 def test_body_over_the_limit_is_413_before_auth(redis_url, tmp_path):
@@ -142,7 +217,7 @@ def test_queued_work_cap_per_model(redis_url, tmp_path):
     global cap and shut out the others; an ended job gives its cost back."""
     with _client(redis_url, tmp_path, max_queued_cost_per_model={"tiny": 250, "*": 150}) as client:
         info = {"name": "other", "config": TINY.model_dump(), "classes": [], "defaults": {"timesteps": "10"}}
-        client.app.state.jobs.heartbeat("fake-other", {"name": "fake-other", "models": {"other": info}})
+        announce_worker(client.app.state.jobs, "fake-other", {"other": info})
         body = {"num_images": 10, "timesteps": "10"}  # 100 cost units
         tiny = [client.post("/generate", json=body) for _ in range(3)]
         assert [r.status_code for r in tiny] == [202, 202, 429]

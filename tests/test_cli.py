@@ -59,6 +59,11 @@ def test_same_seed_same_bytes(capsys, tmp_path, tiny_model_file):
     run(capsys, *args, "--out", str(tmp_path / "c.png"), "--batch-size", "1")
     a, c = (np.asarray(Image.open(tmp_path / n), dtype=int) for n in ("a.png", "c.png"))
     assert np.abs(a - c).max() <= 1
+    # Another seed: other pictures (so the equality above says something about the seed).
+    other = [*args[:args.index("--seed")], "--seed", "10", "--quiet"]
+    run(capsys, *other, "--out", str(tmp_path / "d.png"))
+    d = np.asarray(Image.open(tmp_path / "d.png"), dtype=int)
+    assert a.shape == d.shape and np.abs(a - d).mean() > 10
 
 
 @pytest.mark.parametrize("sampler, timesteps", [("dpmpp_2m", "karras5"), ("dpmpp_2m_sde", "logsnr5"), ("unipc", "5"), ("unipc_bh1", "5")])

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs
 
-pytest.importorskip("sklearn")
-pytest.importorskip("scipy")
-pytest.importorskip("torch")
+needs("sklearn")
+needs("scipy")
+needs("torch")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs
 
-pytest.importorskip("scipy")
+needs("scipy")
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "distribution_metrics.py"
 

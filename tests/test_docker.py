@@ -14,12 +14,13 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import needs
 import yaml
 
 try:
@@ -630,44 +631,43 @@ def test_worker_cpu_build_uses_the_cpu_index(compose_cpu, merged):
         "the CPU and CUDA worker images need different tags"
 
 
-def test_worker_healthcheck_follows_the_heartbeat(redis_url, tmp_path):
-    """The HEALTHCHECK command exits 0 only while a worker of this host has a live heartbeat key."""
-    import redis
-
-    from patchdiff_core.service.jobs import JobStore
-    from patchdiff_core.service.settings import Settings
-
-    # A database of its own: other tests' workers on this host beat in database 0.
-    url = redis_url.rsplit("/", 1)[0] + "/13"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+def test_worker_healthcheck_follows_the_control_loop(tmp_path):
+    """The HEALTHCHECK command exits 0 only while the worker's control loop touches its liveness file."""
     command = Dockerfile(WORKER_DOCKERFILE).healthcheck_command()
     assert command[0] == "python"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDIFF_")}
-    env["PATCHDIFF_REDIS_URL"] = url
+    alive = tmp_path / "alive"
+    env = {**os.environ, "PATCHDIFF_WORKER_LIVENESS_FILE": str(alive)}
 
     def healthy() -> bool:
         return subprocess.run([sys.executable, *command[1:]], check=False, cwd=REPO, env=env, capture_output=True,
                               timeout=60).returncode == 0
 
-    jobs = JobStore(conn, Settings(redis_url=url, heartbeat_ttl_s=30))
+    assert not healthy(), "healthy with no worker"
+    alive.write_text("now")
+    assert healthy()
+    old = time.time() - 120
+    os.utime(alive, (old, old))  # the control loop stopped going round two minutes ago
+    assert not healthy()
+
+
+def test_the_worker_touches_its_liveness_file(tmp_path, monkeypatch):
+    from worker.main import Liveness
+
+    class Control:
+        finished = __import__("threading").Event()
+        counters = type("C", (), {"loops": 1})()
+
+    path = tmp_path / "alive"
+    thread = Liveness(Control(), str(path))
+    thread.start()
     try:
-        assert not healthy(), "healthy with no worker heartbeat"
-        jobs.heartbeat(f"another-host-{os.getpid()}-abcdef", {"models": {}})
-        assert not healthy(), "healthy on another host's heartbeat"
-        name = f"{socket.gethostname()}-1-abcdef"  # as run_worker names itself: hostname-pid-random
-        jobs.heartbeat(name, {"models": {}})
-        assert healthy()
-        jobs.worker_gone(name)
-        assert not healthy()
+        wait_until_exists = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < wait_until_exists:
+            time.sleep(0.05)
+        assert path.exists()
     finally:
-        conn.flushdb()
-
-
-def test_worker_names_start_with_the_hostname():
-    """What the worker HEALTHCHECK relies on to find this container's heartbeat."""
-    source = (REPO / "worker" / "main.py").read_text()
-    assert 'name = name or f"{socket.gethostname()}-' in source
+        Control.finished.set()
+        thread.join(10)
 
 
 def test_images_run_as_non_root_with_a_healthcheck():
@@ -766,7 +766,7 @@ def test_s3_init_creates_the_configured_bucket_and_retention(compose, env_exampl
     bucket = envs["api"]["PATCHDIFF_STORE_S3_BUCKET"]
     assert bucket == envs["worker"]["PATCHDIFF_STORE_S3_BUCKET"] == envs["s3-init"]["PATCHDIFF_STORE_S3_BUCKET"]
     assert envs["s3-init"]["PATCHDIFF_STORE_S3_PREFIX"] == envs["api"]["PATCHDIFF_STORE_S3_PREFIX"]
-    assert int(envs["s3-init"]["RESULTS_RETENTION_DAYS"]) == 7
+    assert "RESULTS_RETENTION_DAYS" not in envs["s3-init"]  # derived from PATCHDIFF_JOB_TTL_S (one setting)
     init = compose["services"]["s3-init"]
     assert init["command"] == ["python", "/app/s3_init.py"]
     assert (["docker/s3_init.py"], "./s3_init.py") in Dockerfile(API_DOCKERFILE).copies()
@@ -779,12 +779,12 @@ def test_s3_init_script_sets_bucket_and_lifecycle_idempotently(monkeypatch, caps
     """docker/s3_init.py against moto's in-process S3: bucket, rule, and again (every `up` runs it)."""
     import importlib.util
 
-    moto = pytest.importorskip("moto")
+    moto = needs("moto")
     spec = importlib.util.spec_from_file_location("s3_init", S3_INIT)
     s3_init = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(s3_init)
     for key, value in {"PATCHDIFF_STORE_S3_BUCKET": "results", "PATCHDIFF_STORE_S3_PREFIX": "jobs",
-                       "RESULTS_RETENTION_DAYS": "3", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                       "PATCHDIFF_JOB_TTL_S": str(2 * 86400), "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("PATCHDIFF_STORE_S3_ENDPOINT_URL", raising=False)

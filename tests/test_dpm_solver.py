@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import needs
 import torch
 
 from patchdiff_core.diffusion.respacing import resolve_timesteps
@@ -93,7 +94,7 @@ def test_matches_diffusers(name, spec):
     """The same trajectory as diffusers' DPMSolverMultistepScheduler (prediction type "sample",
     second-order multistep, lower order at the final step; "sde-dpmsolver++" with the same noise for
     the SDE variant) on the same betas and timesteps."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = needs("diffusers")
     schedule = Schedule.linear(0.02)
     steps = sorted(resolve_timesteps(spec), reverse=True)
     scheduler = diffusers.DPMSolverMultistepScheduler(
@@ -137,7 +138,7 @@ def test_matches_diffusers(name, spec):
 def test_unipc_matches_diffusers(spec, name, solver_type):
     """The same trajectory as diffusers' UniPCMultistepScheduler (prediction type "sample", bh2 or
     bh1, second order, lower order at the final step) on the same betas and timesteps."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = needs("diffusers")
     schedule = Schedule.linear(0.02)
     steps = sorted(resolve_timesteps(spec), reverse=True)
     scheduler = diffusers.UniPCMultistepScheduler(

@@ -123,6 +123,90 @@ def test_a_failing_request_fails_alone(tiny):
     assert np.abs(images_uint8(finished["good"]).astype(int) - alone).max() <= 1
 
 
+def _own_noise(tiny, s, fail_first_with=None):
+    """`noise_for` drawing what the engine's default would (image i's own generator), whose very
+    first draw (an x_T) raises `fail_first_with` once, before it consumes any randomness."""
+    from patchdiff_core.generation.pipeline import image_noise
+
+    state = {"failed": fail_first_with is None}
+
+    def noise_for(i):
+        draw = image_noise(s.seed, i, (3, 16, 16), tiny.device)
+
+        def guarded():
+            if not state["failed"]:
+                state["failed"] = True
+                raise fail_first_with
+            return draw()
+        return guarded
+    return noise_for
+
+
+def test_a_failing_start_noise_fails_its_request_alone(tiny):
+    """The start noise x_T is drawn inside the engine's failure isolation: a request whose very first
+    draw fails is failed alone, and the others go on with unchanged pictures."""
+    engine = BatchEngine({"tiny": tiny}, {"tiny": 8})
+    engine.add("good", MIXED["a"])
+    engine.add("bad", spec(num_images=2), noise_for=_own_noise(tiny, spec(num_images=2), RuntimeError("no noise")))
+    failed, finished = [], {}
+    while not engine.idle:
+        report = engine.step()
+        failed += [(r.id, why) for r, why in report.failed]
+        finished.update({r.id: r for r in report.finished})
+    assert [f[0] for f in failed] == ["bad"] and "no noise" in failed[0][1]
+    alone = generate(tiny, MIXED["a"], batch_size=5).images
+    assert np.abs(images_uint8(finished["good"]).astype(int) - alone).max() <= 1
+
+
+def test_out_of_memory_while_drawing_start_noise_shrinks_the_batch(tiny):
+    """An out-of-memory error anywhere in a step (here: drawing an x_T) halves the rows and retries;
+    no request fails and the pictures do not change."""
+    engine = BatchEngine({"tiny": tiny}, {"tiny": 8})
+    s = MIXED["a"]
+    engine.add("a", s, noise_for=_own_noise(tiny, s, torch.cuda.OutOfMemoryError("simulated")))
+    finished = run_until_idle(engine)
+    assert engine.max_rows["tiny"] == 4
+    alone = generate(tiny, s, batch_size=5).images
+    assert np.abs(images_uint8(finished["a"][1]).astype(int) - alone).max() <= 1
+
+
+def test_a_batched_step_that_fails_is_retried_request_by_request(tiny, monkeypatch):
+    """`_advance_one_by_one`: when a batched forward raises, each request is run on its own; only the
+    one that fails on its own fails, the others keep their pictures."""
+    engine = BatchEngine({"tiny": tiny}, {"tiny": 8})
+    forward = tiny.forwards[0]
+    calls = {"batched": 0, "alone": 0}
+
+    def picky(x, t, y):
+        if y is not None and (y == 9).any():  # only the rows of the "bad" request carry label 9
+            raise RuntimeError("the network chokes on label 9")
+        calls["alone" if x.shape[0] <= 5 else "batched"] += 1
+        return forward(x, t, y)
+
+    monkeypatch.setattr(tiny, "forwards", [picky])
+    finished = {}
+    failed = []
+    engine.add("good", MIXED["a"])
+    engine.add("bad", spec(num_images=2, class_labels=[9, 9]))
+    while not engine.idle:
+        report = engine.step()
+        failed += [(r.id, why) for r, why in report.failed]
+        finished.update({r.id: r for r in report.finished})
+    assert [f[0] for f in failed] == ["bad"] and "label 9" in failed[0][1]
+    assert calls["alone"] > 0  # the good request ran on its own after the batched step failed
+    alone = generate(tiny, MIXED["a"], batch_size=5).images
+    assert np.abs(images_uint8(finished["good"]).astype(int) - alone).max() <= 1
+
+
+def test_finished_images_own_their_memory(tiny):
+    """A result is a copy of its row, not a view that keeps its step's whole batch alive."""
+    engine = BatchEngine({"tiny": tiny}, {"tiny": 4})
+    finished = run_until_idle(engine, {0: [("a", MIXED["a"]), ("c", MIXED["c"])]})
+    for _, request in finished.values():
+        for result in request.results.values():
+            assert result.untyped_storage().nbytes() == result.numel() * result.element_size()
+
+
 def test_out_of_memory_halves_the_batch_and_keeps_the_pictures(tiny, monkeypatch):
     engine = BatchEngine({"tiny": tiny}, {"tiny": 8})
     forward = tiny.forwards[0]

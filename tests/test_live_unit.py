@@ -1,4 +1,5 @@
-"""Live progress pieces on their own: previews, event publishing and throttling, webhook target checks."""
+"""Live progress pieces on their own: previews, webhook target checks and the webhook sender.
+(Events are written by the scripts that move jobs: tests/test_jobs.py.)"""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from PIL import Image
 
 from patchdiff_core.generation.images import to_uint8
 from patchdiff_core.generation.preview import preview_png, shrink_for_preview
-from patchdiff_core.service.events import WEBHOOK_STREAM, JobEvents, stream_key
-from patchdiff_core.service.jobs import new_job_id
 from patchdiff_core.service.settings import Settings
 from patchdiff_core.service.webhooks import WebhookRefused, absolute_links, check_events, check_target
 
@@ -23,44 +22,6 @@ def test_preview_png_is_a_downscaled_grid():
     assert image.format == "PNG" and image.size == (256, 256)  # 8x8 grid of 34 px + 2 = 274 -> 256
     small = Image.open(io.BytesIO(preview_png(images[:4], max_side=256)))
     assert small.size == (70, 70)  # never enlarged
-
-
-@pytest.fixture
-def events(redis_url):
-    conn = redis.Redis.from_url(redis_url)
-    return JobEvents(conn, Settings(redis_url=redis_url, progress_event_interval_s=3600, preview_inline_max_bytes=100))
-
-
-def test_progress_events_are_throttled_and_carry_previews(events):
-    job_id = new_job_id()
-    published = {s: events.progress(job_id, s, 10) for s in range(1, 6)}
-    assert published[1] is not None and all(published[s] is None for s in (2, 3, 4, 5))
-    big, small = b"\x89PNG" + b"x" * 200, b"\x89PNGsmall"
-    assert events.progress(job_id, 6, 10, preview_png=big) is not None  # a preview is always sent
-    assert events.progress(job_id, 7, 10, preview_png=small) is not None
-    assert events.progress(job_id, 10, 10) is not None  # the last step always
-    history = events.history(job_id)
-    assert [e.data["step"] for e in history] == [1, 6, 7, 10]
-    assert "png_base64" not in history[1].data["preview"] and history[2].data["preview"]["png_base64"]
-    assert history[1].data["preview"]["url"] == f"/jobs/{job_id}/preview.png?step=6"
-    assert events.preview(job_id) == small
-    assert events.history(job_id, after=history[1].id)[0].id == history[2].id
-    assert 0 < events.redis.ttl(stream_key(job_id)) <= events.settings.job_ttl_s
-
-
-def test_only_selected_events_queue_a_webhook(events):
-    job_id = new_job_id()
-    events.redis.hset(f"patchdiff:job:{job_id}", mapping={"webhook": "https://example.com/h", "webhook_events": "started,finished"})
-    for name in ("queued", "started", "progress", "finished"):
-        events.publish(job_id, name, {"status": name})
-    queued = [f for _, f in events.redis.xrange(WEBHOOK_STREAM) if f[b"job_id"] == job_id.encode()]
-    assert [f[b"event"] for f in queued] == [b"started", b"finished"]
-    assert all(f[b"url"] == b"https://example.com/h" for f in queued)
-    other = new_job_id()  # no webhook: nothing queued
-    events.publish(other, "finished", {"status": "finished"})
-    assert not [f for _, f in events.redis.xrange(WEBHOOK_STREAM) if f[b"job_id"] == other.encode()]
-    with pytest.raises(ValueError):
-        events.publish(job_id, "exploded", {})
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1/x", "http://10.1.2.3/", "http://172.16.0.1/", "http://192.168.0.1/",
@@ -82,7 +43,7 @@ def test_malformed_targets_are_refused(url, message):
 
 
 def test_public_literal_address_is_accepted():
-    check_target("https://8.8.8.8/hook", Settings())  # a literal address: no DNS, no traffic
+    assert check_target("https://8.8.8.8/hook", Settings()) == ["8.8.8.8"]  # a literal address: no DNS, no traffic
 
 
 def test_event_filter_and_links():
@@ -115,60 +76,144 @@ def test_live_routes_need_the_api_key_and_the_page_does_not(redis_url, tmp_path)
             assert client.get(path).status_code == 404, path
 
 
-def test_sender_connects_to_the_checked_address_and_signs(redis_url):
-    """One delivery through WebhookSender: to the resolved address, Host kept, signature valid, status kept."""
+class Receiver:
+    """A webhook receiver on 127.0.0.1 answering `status`; keeps what it got."""
+
+    def __init__(self, status: int = 200):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        got = self.got = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                got.append((dict(self.headers), self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+SECRET = "whsec_" + "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="
+
+
+def run_sender(redis_url: str, settings: Settings, until, timeout: float = 20.0) -> None:
+    """Run a WebhookSender's own loop (as the API does) until `until()` holds."""
     import asyncio
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import time
 
     import redis.asyncio as aioredis
-    from standardwebhooks.webhooks import Webhook
 
-    from patchdiff_core.service.webhooks import WebhookSender, delivery_status
+    from patchdiff_core.service.webhooks import WebhookSender
 
-    got = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            got.append((dict(self.headers), self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    secret = "whsec_" + "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="
-    settings = Settings(redis_url=redis_url, webhook_secret=secret, webhook_allow_private=True, public_url="http://api:1")
-    job_id = new_job_id()
-    delivery = {"job_id": job_id, "event_id": "5-0", "event": "finished", "attempt": 1,
-                "url": f"http://localhost:{port}/hook",
-                "data": json.dumps({"job_id": job_id, "status": "finished", "links": {"grid": f"/jobs/{job_id}/grid.png"}})}
-
-    async def deliver():
+    async def main():
         conn = aioredis.Redis.from_url(redis_url)
-        sender = WebhookSender(conn, settings, "test")
+        task = asyncio.create_task(WebhookSender(conn, settings, "test").run())
+        deadline = time.monotonic() + timeout
         try:
-            await sender._attempt(delivery)
+            while not until():
+                assert time.monotonic() < deadline, "the sender did not get there in time"
+                await asyncio.sleep(0.05)
         finally:
-            await sender.http.aclose()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             await conn.aclose()
 
+    asyncio.run(main())
+
+
+def _job_with_webhook(redis_url: str, settings: Settings, url: str):
+    from patchdiff_core.generation.spec import GenerationSpec
+    from patchdiff_core.service.jobs import JobStore
+
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    jobs = JobStore(conn, settings)
+    record, _ = jobs.submit(GenerationSpec(model="tiny", num_images=1, seed=1), webhook=url, webhook_events=["queued"])
+    return jobs, record
+
+
+def _settings(redis_url: str, **extra) -> Settings:
+    return Settings(redis_url=redis_url, webhook_secret=SECRET, webhook_allow_private=True, public_url="http://api:1",
+                    webhook_backoff_s=0.01, **extra)
+
+
+def test_the_sender_delivers_signed_events_and_acknowledges_them(redis_url):
+    """A job's selected event goes from the stream through the sender's own loop to the receiver:
+    to the checked address with the Host kept, signed, its outcome recorded, the entry acknowledged."""
+    from standardwebhooks.webhooks import Webhook
+
+    from patchdiff_core.service.webhooks import GROUP
+
+    receiver = Receiver()
+    settings = _settings(redis_url)
     try:
-        asyncio.run(deliver())
+        jobs, record = _job_with_webhook(redis_url, settings, f"http://localhost:{receiver.port}/hook")
+        run_sender(redis_url, settings, lambda: jobs.webhook_deliveries(record.id))
     finally:
-        server.shutdown()
-    (headers, body), = got
+        receiver.close()
+    (headers, body), = receiver.got
     headers = {k.lower(): v for k, v in headers.items()}
-    assert headers["host"] == f"localhost:{port}" and headers["webhook-id"] == f"{job_id}.5-0"
-    payload = Webhook(secret).verify(body, headers)
-    assert payload["type"] == "job.finished" and payload["data"]["links"]["grid"] == f"http://api:1/jobs/{job_id}/grid.png"
-    status, = delivery_status(redis.Redis.from_url(redis_url), job_id)
+    assert headers["host"] == f"localhost:{receiver.port}" and headers["webhook-id"].startswith(f"{record.id}.")
+    payload = Webhook(SECRET).verify(body, headers)
+    assert payload["type"] == "job.queued" and payload["data"]["job_id"] == record.id
+    status, = jobs.webhook_deliveries(record.id)
     assert status["status"] == "delivered" and status["http_status"] == 200 and status["attempts"] == 1
+    assert jobs.redis.xpending(jobs.keys.webhooks, GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("failure", ["http 500", "crash"])
+def test_a_failing_delivery_gives_up_after_its_attempts_and_is_acknowledged(redis_url, monkeypatch, failure):
+    """Whatever goes wrong in an attempt (an error answer, or an exception nobody expected), the
+    delivery is retried at most `webhook_max_attempts` times in all, then marked failed."""
+    from patchdiff_core.service import webhooks
+
+    receiver = Receiver(status=500)
+    settings = _settings(redis_url, webhook_max_attempts=3)
+    if failure == "crash":
+        async def explode(self, delivery, address):
+            raise RuntimeError("a bug in the sender")
+
+        monkeypatch.setattr(webhooks.WebhookSender, "_post", explode)
+    try:
+        jobs, record = _job_with_webhook(redis_url, settings, f"http://127.0.0.1:{receiver.port}/hook")
+        run_sender(redis_url, settings, lambda: any(d["status"] == "failed" for d in jobs.webhook_deliveries(record.id)))
+    finally:
+        receiver.close()
+    status, = jobs.webhook_deliveries(record.id)
+    assert status["attempts"] == 3 and status["status"] == "failed", status
+    assert len(receiver.got) == (3 if failure == "http 500" else 0)
+    assert jobs.redis.zcard(jobs.keys.webhook_retries) == 0
+    assert jobs.redis.xpending(jobs.keys.webhooks, webhooks.GROUP)["pending"] == 0
+
+
+def test_the_sender_tries_every_resolved_address(redis_url, monkeypatch):
+    """A host with two addresses, the first refusing connections, still gets its delivery."""
+    from patchdiff_core.service import webhooks
+
+    receiver = Receiver()
+    settings = _settings(redis_url)
+
+    async def two_addresses(url, settings):
+        webhooks.check_url_syntax(url, settings)
+        return ["127.0.0.2", "127.0.0.1"]  # nothing listens on 127.0.0.2: connection refused
+
+    monkeypatch.setattr(webhooks, "resolve_targets", two_addresses)
+    try:
+        jobs, record = _job_with_webhook(redis_url, settings, f"http://hooks.example:{receiver.port}/hook")
+        run_sender(redis_url, settings, lambda: jobs.webhook_deliveries(record.id))
+    finally:
+        receiver.close()
+    assert len(receiver.got) == 1 and jobs.webhook_deliveries(record.id)[0]["status"] == "delivered"
 
 
 def test_previews_shrink_on_the_device_before_copying():

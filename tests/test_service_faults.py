@@ -62,7 +62,9 @@ def test_each_model_runs_on_a_worker_that_serves_it(stack):
     # The tinyu worker goes away: its model's jobs are refused (503), queued ones wait, none fails.
     os.kill(only_tinyu.pid, signal.SIGKILL)
     wait_until(lambda: httpx.get(url + "/readyz").json().get("workers") == 1, 30, "the heartbeat to expire")
-    refused = httpx.post(url + "/generate", json={"model": "tinyu", "num_images": 1})
+    # (The API trusts what it read of the live workers for a second.)
+    refused = wait_until(lambda: (lambda r: r if r.status_code != 202 else None)(
+        httpx.post(url + "/generate", json={"model": "tinyu", "num_images": 1})), 5, "tinyu jobs to be refused")
     assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
     assert httpx.post(url + "/generate", json={"model": "tiny", "num_images": 1, "timesteps": "5"}).status_code == 202
 
@@ -137,7 +139,7 @@ def test_redis_killed_while_workers_hold_jobs(stack, tmp_path):
     workers = [procs.worker(), procs.worker()]
     url = procs.api(free_port())
     wait_until(lambda: httpx.get(url + "/readyz").json().get("workers") == 2, 90, "two workers")
-    ids = [httpx.post(url + "/generate", json={"num_images": 1, "timesteps": "60", "seed": i}).json()["id"]
+    ids = [httpx.post(url + "/generate", json={"num_images": 1, "timesteps": "250", "seed": i}).json()["id"]
            for i in range(22)]
     wait_until(lambda: sum(_job(url, i)["status"] == "running" for i in ids) == 2, 60, "both workers busy")
     redis_server.kill()
@@ -153,3 +155,32 @@ def test_redis_killed_while_workers_hold_jobs(stack, tmp_path):
     worker_logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("worker-*.log"))
     assert "reconnect attempt" in worker_logs  # one line per attempt...
     assert "Traceback" not in worker_logs, worker_logs[-5000:]  # ...and no tracebacks
+
+
+def test_redis_refusing_writes_while_jobs_run_loses_no_job(stack, tmp_path):
+    """Redis at `maxmemory` (noeviction) refuses every write for several seconds while a worker holds
+    jobs and finishes some of them: nothing finished is dropped, and once writes are allowed again
+    every job ends finished. Submitting meanwhile is a 503 with Retry-After, never a 500."""
+    import redis as redis_client
+
+    redis_server, procs = stack(PATCHDIFF_ENGINE_MAX_JOBS="3")
+    procs.worker()
+    url = procs.api(free_port())
+    wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 90, "the worker")
+    ids = [httpx.post(url + "/generate", json={"num_images": 1, "timesteps": str(steps), "seed": i}).json()["id"]
+           for i, steps in enumerate([250, 300, 350, 600, 650, 700])]
+    wait_until(lambda: any(_job(url, i)["status"] == "running" for i in ids), 60, "a job to run")
+    conn = redis_client.Redis.from_url(redis_server.url)
+    conn.config_set("maxmemory-policy", "noeviction")
+    conn.config_set("maxmemory", 1)  # every write is refused from now on: OOM
+    try:
+        refused = httpx.post(url + "/generate", json={"num_images": 1})
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0, refused.text
+        time.sleep(6)  # jobs reach their last step meanwhile: their results wait for Redis
+    finally:
+        conn.config_set("maxmemory", 0)
+    final = [wait_job(url, i, timeout=120) for i in ids]
+    assert [j["status"] for j in final] == ["finished"] * len(ids), (final, procs.logs())
+    assert all(j["attempts"] == 1 for j in final)
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("worker-*.log"))
+    assert "maxmemory" in logs  # the refusals really happened (OOM errors), and were ridden out

@@ -22,11 +22,13 @@ Pictures do not depend on the company an image keeps: image i of a request draws
 the same order as in `pipeline.generate`, so it matches `patchdiff sample` to within batched
 floating-point rounding (the tests allow one grey level, as across batch sizes).
 
-Failures stay with their request: if a batched iteration raises, it is retried request by request,
-and only the requests that fail on their own are failed. A CUDA out-of-memory error halves the
-model's `max_rows` and retries the iteration (the pictures do not change).
+Failures stay with their request: every tensor an image needs (its start noise included) is drawn
+request by request, and a batched iteration that raises is retried request by request, so only
+the requests that fail on their own are failed. A CUDA out-of-memory error anywhere in a step halves
+the model's `max_rows` and retries the iteration (the pictures do not change). A finished image's
+result is a copy of its row, so that it does not keep its step's whole batch alive.
 
-Torch-level and Redis-free: the worker (`worker/engine_worker.py`) feeds it jobs from the queue and
+Torch-level and Redis-free: the worker (`worker/runner.py`) feeds it jobs from the queue and
 publishes what `step()` reports; the tests drive it directly.
 """
 
@@ -57,9 +59,9 @@ ImageHook = Callable[["RequestInFlight", int, torch.Tensor, torch.Tensor], None]
 class ImageInFlight:
     request: "RequestInFlight"
     index: int
-    noise: NoiseSource
-    x: torch.Tensor  # [3, R, R] float32, at timestep request.steps[position]
-    state: dict[str, torch.Tensor]  # the sampler's per-image memory, without the batch dimension
+    noise: NoiseSource | None = None  # its own generator's draws (made when it starts)
+    x: torch.Tensor | None = None  # [3, R, R] float32, at timestep request.steps[position] (None: not drawn yet)
+    state: dict[str, torch.Tensor] | None = None  # the sampler's per-image memory, without the batch dimension
     position: int = 0  # how many of the request's taken steps are done
     x0: torch.Tensor | None = None  # the latest x0 prediction (for previews)
     next_noise: torch.Tensor | None = None  # drawn for the coming step, kept if that step is retried
@@ -175,10 +177,13 @@ class BatchEngine:
         started = time.perf_counter()
         report = StepReport()
         for name, model in self.models.items():
-            chosen = self._draw_noise(self._choose(name), report)
+            chosen = self._choose(name)
             if not chosen:
                 continue
             try:
+                chosen = self._prepare(chosen, report)
+                if not chosen:
+                    continue
                 self._advance(model, chosen)
             except torch.cuda.OutOfMemoryError:
                 self._shrink(name, chosen, report)
@@ -217,22 +222,31 @@ class BatchEngine:
                 break
         return chosen
 
-    def _draw_noise(self, images: list[ImageInFlight], report: StepReport) -> list[ImageInFlight]:
-        """Draw the coming step's noise of every image that needs one, before anything is computed, so
-        that a retried step reuses it (each draw advances the image's own generator exactly once). A
-        request whose noise cannot be drawn fails alone."""
+    def _prepare(self, images: list[ImageInFlight], report: StepReport) -> list[ImageInFlight]:
+        """Every tensor the chosen images need before the network runs: the start noise x_T (and
+        the sampler's initial state) of images that start now, and the coming step's noise of the
+        others. Drawn before anything is computed, and kept if the step is retried, so each draw
+        advances an image's own generator exactly once. A request whose draw fails fails alone; an
+        out-of-memory error is raised, so that the step shrinks its batch like any other."""
         broken: set[str] = set()
-        for image in images:
-            if image.final or not image.request.sampler.needs_noise or image.next_noise is not None:
-                continue
-            if image.request.id in broken:
-                continue
+        for request, group in _group(images, lambda image: image.request).items():
             try:
-                image.next_noise = image.noise().float()
+                for image in group:
+                    if image.noise is None:
+                        image.noise = request.noise_for(image.index)
+                    if image.x is None:
+                        image.x = image.noise().float()
+                    if image.state is None:
+                        image.state = {k: s[0] for k, s in request.sampler.init_state(image.x[None]).items()}
+                    if not image.final and request.sampler.needs_noise and image.next_noise is None:
+                        image.next_noise = image.noise().float()
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as exc:  # noqa: BLE001 - a broken noise source fails its request only
-                broken.add(image.request.id)
-                self.remove(image.request.id)
-                report.failed.append((image.request, f"internal error: {type(exc).__name__}: {exc}"))
+                log.exception("request %s: drawing its noise failed", request.id)
+                broken.add(request.id)
+                self.remove(request.id)
+                report.failed.append((request, f"internal error: {type(exc).__name__}: {exc}"))
         return [image for image in images if image.request.id not in broken]
 
     def _advance(self, model: SamplingModel, images: list[ImageInFlight]) -> None:
@@ -261,7 +275,8 @@ class BatchEngine:
         for i, image in enumerate(images):
             image.x0 = x0[i]
             if image.final:
-                image.request.results[image.index] = x0[i]
+                # A copy: a view would keep this step's whole batch of x0 alive until the job ends.
+                image.request.results[image.index] = x0[i].clone()
             else:
                 image.position += 1
             image.request.image_steps += 1
@@ -329,14 +344,11 @@ class BatchEngine:
 
 
 def _candidates(request: RequestInFlight):
-    """Images of a request in the order they should get rows: running (furthest first), then new."""
+    """Images of a request in the order they should get rows: running (furthest first), then new
+    ones (bookkeeping only: their tensors are drawn by `_prepare`, where a failure is contained)."""
     yield from sorted(request.running, key=lambda image: -image.position)
     while request.pending:
-        index = request.pending.popleft()
-        noise = request.noise_for(index)
-        x_t = noise().float()
-        state = {k: s[0] for k, s in request.sampler.init_state(x_t[None]).items()}
-        image = ImageInFlight(request, index, noise, x_t, state)
+        image = ImageInFlight(request, request.pending.popleft())
         request.running.append(image)
         yield image
 

@@ -12,11 +12,16 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PatchdiffError("--device cuda: no CUDA device is available")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PatchdiffError(f"--device {device}: no CUDA device is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise PatchdiffError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return resolved
 
 
 def resolve_precision(precision: str, device: torch.device, cuda_default: str = "fp16") -> str:

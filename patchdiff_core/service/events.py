@@ -1,101 +1,95 @@
-"""Job events in Redis: what `GET /jobs/{id}/events` streams and what webhooks deliver. Torch-free.
+"""Job events: what `GET /jobs/{id}/events` streams and what webhooks deliver. Torch-free.
 
-Each job has one Redis Stream, `patchdiff:events:<id>`, trimmed to about `events_max_len` entries
-and expiring with the job (`job_ttl_s`). An entry is `event` (queued, started, progress, finished,
-failed, cancelled) and `data` (JSON). The entry id is the SSE event id, so a client that reconnects
-with `Last-Event-ID` resumes exactly after the last event it saw.
+Each job has one Redis Stream (`keys.Keys.events`), trimmed to about `events_max_len` entries; it
+lives as long as the job's record. An entry is `event` (one of `EVENT_NAMES`) and `data` (JSON of
+`JobEventData`). The entry id is the SSE event id, so a client that reconnects with
+`Last-Event-ID` resumes exactly after the last event it saw.
 
-Who writes what:
-- status events (queued, started, finished, failed, cancelled, and queued again on a requeue) are
-  written by `JobStore` at each successful status transition (`status_event`), so whichever process
-  makes the move writes the event: the API (submit, cancel while queued), the worker (start, finish,
-  fail, cancel while running), the reaper (requeue, give up);
-- progress events (with an optional preview PNG) are written by the process that samples, through
-  `JobEvents.progress`, which throttles them (`progress_event_interval_s`);
-- queue positions are not stored: the SSE route reads them while a job waits (they change with
-  other jobs, not with this one).
-
-The same Lua script that appends an event also queues a webhook delivery (stream
-`patchdiff:webhooks`) when the job has a webhook that selected this event; `webhooks.py` sends it.
+Status events are appended by the same script that changes the status (`scripts.py`), so a
+status change and its event cannot be separated; the script also queues the webhook delivery
+when the job's webhook selected that event. Progress events come from the sampling worker, in its
+one report per step, throttled (`progress_event_interval_s`). Every payload is built here, from
+the pydantic models the API documents.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
+from pydantic import BaseModel, Field
 
-from patchdiff_core.service.settings import Settings
+from patchdiff_core.service.keys import Keys
+from patchdiff_core.service.records import CANCELLED_BY_REQUEST, TERMINAL, JobRecord, result_links
 
-PREFIX = "patchdiff"
 EventName = Literal["queued", "started", "progress", "finished", "failed", "cancelled"]
 EVENT_NAMES: tuple[str, ...] = ("queued", "started", "progress", "finished", "failed", "cancelled")
-TERMINAL_EVENTS = ("finished", "failed", "cancelled")
-WEBHOOK_STREAM = f"{PREFIX}:webhooks"
-WEBHOOK_STREAM_MAX_LEN = 100_000
+TERMINAL_EVENTS: tuple[str, ...] = TERMINAL  # a job's last event is named after its terminal status
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
-# KEYS: the job's event stream, the job hash, the webhook delivery stream.
-# ARGV: event, data (JSON), max length, TTL (s), job id.
-# Appends the event, refreshes the stream's TTL, and queues a webhook delivery when the job's
-# `webhook_events` (comma-separated) names this event. Returns the event id.
-_PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[1], 'data', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local hook = redis.call('HMGET', KEYS[2], 'webhook', 'webhook_events')
-if hook[1] and hook[1] ~= '' and hook[2] then
-  for wanted in string.gmatch(hook[2], '[^,]+') do
-    if wanted == ARGV[1] then
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'job_id', ARGV[5], 'event_id', id,
-                 'event', ARGV[1], 'data', ARGV[2], 'url', hook[1])
-      break
-    end
-  end
-end
-return id
-"""
+
+class PreviewLink(BaseModel):
+    url: str = Field(description="GET it for the latest preview PNG (the step is only there to make URLs distinct)")
+    bytes: int
+    png_base64: str | None = Field(default=None, description="the same PNG inline, when it is small enough")
 
 
-def stream_key(job_id: str) -> str:
-    return f"{PREFIX}:events:{job_id}"
+class JobEventData(BaseModel):
+    """The JSON `data` of every event on `/jobs/{id}/events` and of every webhook's `data`."""
+
+    job_id: str
+    status: str
+    reason: str | None = Field(default=None, description="queued: submitted or why it was requeued; failed/cancelled: why")
+    queue_position: int | None = Field(default=None, description="queued events sent while waiting: jobs ahead (0 = next)")
+    worker: str | None = None
+    attempt: int | None = Field(default=None, description="started: which run this is (1 = the first)")
+    step: int | None = Field(default=None, description="progress: network evaluations done, counted image by image")
+    total: int | None = Field(default=None, description="progress: images × steps")
+    fraction: float | None = None
+    images_done: int | None = Field(default=None, description="progress: images finished")
+    preview: PreviewLink | None = Field(default=None, description="progress: a new preview of the job's grid")
+    num_results: int | None = None
+    links: dict[str, Any] | None = Field(default=None, description="finished: grid, images, record")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
 
 
-def preview_key(job_id: str) -> str:
-    return f"{PREFIX}:preview:{job_id}"
+# -- payloads ---------------------------------------------------------------------------------
+def queued_event(job_id: str, reason: str = "submitted") -> JobEventData:
+    return JobEventData(job_id=job_id, status="queued", reason=reason)
 
 
-def job_hash_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}"  # the same key as JobStore.job_key
+def started_template(worker: str) -> JobEventData:
+    """The `started` event of this worker's jobs; the start script fills in `job_id` and `attempt`,
+    which only it knows."""
+    return JobEventData(job_id="", status="running", worker=worker, attempt=0)
 
 
-def result_links(job_id: str, num_results: int) -> dict[str, Any]:
-    """Links relative to the API root; the SSE route and the webhook sender make them absolute."""
-    base = f"/jobs/{job_id}"
-    return {"grid": f"{base}/grid.png", "images": [f"{base}/images/{i}.png" for i in range(num_results)],
-            "record": f"{base}/record.json"}
+def progress_event(job_id: str, step: int, total: int, images_done: int,
+                   preview: PreviewLink | None = None) -> JobEventData:
+    return JobEventData(job_id=job_id, status="running", step=step, total=total,
+                        fraction=round(step / total, 4) if total else 0.0, images_done=images_done, preview=preview)
 
 
-def status_event(job_id: str, status: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The event for a status transition, from the fields the transition set."""
-    data: dict[str, Any] = {"status": status}
-    if status == "queued":
-        data["reason"] = fields.get("error") or "submitted"  # a requeue says why
-    elif status == "running":
-        data.update(worker=fields.get("worker"), attempt=int(fields.get("attempts") or 1))
-        return "started", data
-    elif status == "finished":
-        n = int(fields.get("num_results") or 0)
-        data.update(num_results=n, links=result_links(job_id, n))
-    elif status in ("failed", "cancelled"):
-        data["reason"] = fields.get("error") or status
-    return status, data
+def end_event(job_id: str, status: str, reason: str | None = None, num_results: int = 0) -> JobEventData:
+    """The terminal event: `finished` with the links to the results, or `failed`/`cancelled` with why."""
+    if status == "finished":
+        return JobEventData(job_id=job_id, status=status, num_results=num_results,
+                            links=result_links(job_id, num_results))
+    return JobEventData(job_id=job_id, status=status, reason=reason or status)
 
 
+def event_of(record: JobRecord) -> tuple[str, JobEventData]:
+    """The event of a terminal record as it stands (for a stream whose terminal entry was trimmed)."""
+    reason = record.error or (CANCELLED_BY_REQUEST if record.status == "cancelled" else None)
+    return record.status, end_event(record.id, record.status, reason, record.num_results)
+
+
+# -- reading ----------------------------------------------------------------------------------
 @dataclass
 class JobEvent:
     id: str  # the stream entry id: the SSE event id
@@ -104,72 +98,36 @@ class JobEvent:
 
     @classmethod
     def from_entry(cls, entry_id: bytes | str, fields: dict) -> "JobEvent":
-        get = lambda k: fields.get(k.encode(), fields.get(k))  # noqa: E731 - bytes or str keys
+        def text(key: str) -> str:
+            value = fields.get(key.encode(), fields.get(key))
+            return value.decode() if isinstance(value, bytes) else value
+
         raw_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        event, data = get("event"), get("data")
-        return cls(raw_id, event.decode() if isinstance(event, bytes) else event, json.loads(data))
+        return cls(raw_id, text("event"), json.loads(text("data")))
 
 
-class JobEvents:
-    """Writes a job's events (every process) and reads them back (tests, sync callers)."""
+class EventLog:
+    """Reads a job's events and preview back (sync: tests, the janitor, tools)."""
 
-    def __init__(self, conn: redis.Redis, settings: Settings):
-        self.redis = conn
-        self.settings = settings
-        self._publish = conn.register_script(_PUBLISH)
-        self._last_progress: dict[str, float] = {}  # job id -> monotonic time of its last progress event
-
-    def publish(self, job_id: str, event: str, data: dict[str, Any]) -> str:
-        """Append one event to the job's stream (and queue its webhook delivery); returns the event id."""
-        if event not in EVENT_NAMES:
-            raise ValueError(f"unknown event {event!r}")
-        if event in TERMINAL_EVENTS:
-            self._last_progress.pop(job_id, None)
-        payload = json.dumps({"job_id": job_id, **data}, separators=(",", ":"))
-        event_id = self._publish(
-            keys=[stream_key(job_id), job_hash_key(job_id), WEBHOOK_STREAM],
-            args=[event, payload, self.settings.events_max_len, self.settings.job_ttl_s, job_id, WEBHOOK_STREAM_MAX_LEN],
-        )
-        return event_id.decode() if isinstance(event_id, bytes) else event_id
-
-    def progress(self, job_id: str, step: int, total: int, preview_png: bytes | None = None) -> str | None:
-        """One sampling step of a job. Call it at every step; it publishes a `progress` event when one
-        is due (the first and last steps, a step with a preview, or `progress_event_interval_s` after
-        the last one) and returns its id, else None. A preview is stored as the job's latest
-        (`GET /jobs/{id}/preview.png`) and, when small, also sent inline in the event."""
-        now = time.monotonic()
-        last = self._last_progress.get(job_id)
-        due = (preview_png is not None or step <= 1 or step >= total or last is None
-               or now - last >= self.settings.progress_event_interval_s)
-        if not due:
-            return None
-        self._last_progress[job_id] = now
-        data: dict[str, Any] = {"status": "running", "step": step, "total": total,
-                                "fraction": round(step / total, 4) if total else 0.0}
-        if preview_png is not None:
-            self.redis.set(preview_key(job_id), preview_png, ex=self.settings.job_ttl_s)
-            preview: dict[str, Any] = {"url": f"/jobs/{job_id}/preview.png?step={step}", "bytes": len(preview_png)}
-            if len(preview_png) <= self.settings.preview_inline_max_bytes:
-                preview["png_base64"] = base64.b64encode(preview_png).decode()
-            data["preview"] = preview
-        return self.publish(job_id, "progress", data)
-
-    def preview(self, job_id: str) -> bytes | None:
-        return self.redis.get(preview_key(job_id))
+    def __init__(self, conn: redis.Redis, keys: Keys):
+        self.redis, self.keys = conn, keys
 
     def history(self, job_id: str, after: str = "0-0", count: int | None = None) -> list[JobEvent]:
         """The job's events after `after` (exclusive), oldest first."""
-        entries = self.redis.xrange(stream_key(job_id), min=f"({after}" if after != "0-0" else "-", count=count)
+        entries = self.redis.xrange(self.keys.events(job_id), min=f"({after}" if after != "0-0" else "-", count=count)
         return [JobEvent.from_entry(entry_id, fields) for entry_id, fields in entries]
 
+    def preview(self, job_id: str) -> bytes | None:
+        return self.redis.get(self.keys.preview(job_id))
 
-async def read_events(aconn, job_id: str, after: str, block_ms: int, count: int = 100) -> list[JobEvent]:
+
+async def read_events(aconn, keys: Keys, job_id: str, after: str, block_ms: int, count: int = 100) -> list[JobEvent]:
     """Events after `after` from an asyncio Redis client, waiting up to `block_ms` for the first one.
 
     XREAD BLOCK holds one connection per waiting reader, not a thread: the API bounds the readers
     with `sse_max_streams`.
     """
-    reply = await aconn.xread({stream_key(job_id): after}, count=count, block=block_ms)
+    reply = await aconn.xread({keys.events(job_id): after}, count=count, block=block_ms)
     if not reply:
         return []
     (_, entries), = reply

@@ -25,10 +25,10 @@ def configure_logging(settings: Settings, process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    # Library loggers: through our handler, and quieter (RQ logs every job at INFO).
-    for name in ("rq", "rq.worker", "uvicorn", "uvicorn.error"):
+    # Library loggers: through our handler, and quieter.
+    for name in ("uvicorn", "uvicorn.error"):
         lib = logging.getLogger(name)
         lib.handlers[:] = []
         lib.propagate = True
-    for noisy in ("rq", "httpx", "httpcore", "botocore", "boto3", "urllib3"):
+    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

