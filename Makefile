@@ -21,7 +21,7 @@ BASE_PORT ?= $(PATCHDIFF_TEST_BASE_PORT)
 # make test PYTEST_ARGS='-k docker -x'
 PYTEST_ARGS ?=
 
-.PHONY: install install-serve test serve bench soak compose-test compose-config lock clean browser-deps
+.PHONY: install install-serve test serve bench soak compose-test compose-config lock clean browser-deps test-deps
 
 # torch, then the project with its `serve` extra: core, api, worker and the embedded Redis.
 $(SERVE_STAMP): pyproject.toml
@@ -84,6 +84,11 @@ lock:
 # Debian's Chromium for tests/test_web_page.py (Playwright drives it; no browser is downloaded).
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
+
+# Debian's redis-server (Sentinel included) for tests/test_sentinel.py; kubectl renders the
+# Kubernetes manifests offline for tests/test_kubernetes.py (no cluster involved).
+test-deps: browser-deps
+	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from patchdiff_core.service.events import TERMINAL_EVENTS, event_of, read_events
+from patchdiff_core.service.events import TERMINAL_EVENTS, JobEventData, event_of, read_events
 from patchdiff_core.service.jobs import JobStore
 from patchdiff_core.service.records import TERMINAL, JobRecord
 from patchdiff_core.service.redis_conn import events_redis_async
@@ -113,7 +113,9 @@ async def job_events(
                                       headers={"Cache-Control": "no-store"})
 
 
-def _sse(event: str, data: dict, base: str, event_id: str | None = None) -> ServerSentEvent:
+def _sse(event: str, data: dict | JobEventData, base: str, event_id: str | None = None) -> ServerSentEvent:
+    if isinstance(data, JobEventData):
+        data = data.model_dump(exclude_none=True)
     return ServerSentEvent(data=json.dumps(absolute_links(data, base), separators=(",", ":")), event=event, id=event_id)
 
 
@@ -148,20 +150,19 @@ async def _job_stream(record: JobRecord, after: str, aconn: aioredis.Redis, jobs
                     final = await asyncio.to_thread(jobs.get, job_id)
                     if final is not None and final.status in TERMINAL:
                         name, data = event_of(final)
-                        yield _sse(name, data.model_dump(exclude_none=True), base)
+                        yield _sse(name, data, base)
                 return
             waiting = status == "queued"
             if waiting:  # jobs of the same model ahead of this one, as GET /jobs/{id} reports it
                 position = await aconn.zrank(jobs.keys.queued(record.spec.model), job_id)
                 if position is not None and position != position_sent:
                     position_sent = position
-                    yield _sse("queued", {"job_id": job_id, "status": "queued", "queue_position": position}, base)
+                    yield _sse("queued", JobEventData(job_id=job_id, status="queued", queue_position=position), base)
     except Exception as exc:  # noqa: BLE001 - e.g. Redis gone: the client gets an event, not a broken response
         log.warning("event stream of job %s ended by %s: %s", job_id, type(exc).__name__, exc)
-        yield ServerSentEvent(
-            data=json.dumps({"job_id": job_id, "reason": f"the event stream failed ({type(exc).__name__}); "
-                             "reconnect with the last event id to resume"}, separators=(",", ":")),
-            event="error", retry=settings.retry_after_s * 1000)
+        data = JobEventData(job_id=job_id, status="unknown", reason=f"the event stream failed ({type(exc).__name__}); "
+                            "reconnect with the last event id to resume")
+        yield ServerSentEvent(data=data.to_json(), event="error", retry=settings.retry_after_s * 1000)
 
 
 @router.get("/jobs/{job_id}/preview.png", response_class=Response,

@@ -10,7 +10,9 @@ import uuid
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -40,6 +42,8 @@ from .service import NotServed, build_spec, job_view, model_views, request_finge
 from .webhook import checked_webhook
 
 log = logging.getLogger("patchdiff.api")
+REQUIRE_WORKER_DOC = ("also require a live worker (default). An orchestrator's readiness probe sets it false: this "
+                      "process serves job status and results, and answers new jobs with 503 and Retry-After, without one")
 
 
 
@@ -208,7 +212,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
-    def readyz(jobs: Jobs, store: Store) -> JSONResponse:
+    def readyz(jobs: Jobs, store: Store, require_worker: Annotated[bool, Query(description=REQUIRE_WORKER_DOC)] = True,
+               ) -> JSONResponse:
         try:
             jobs.redis.ping()
             workers, announcements = jobs.live_workers(limit=1000)
@@ -223,7 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         elif status.free_bytes is not None and status.free_bytes < settings.store_min_free_bytes:
             store_state, store_error = "low on space", f"object store: {status.free_bytes} bytes free"
         unwritable = sum(info.get("store", "ok") != "ok" for info in announcements)
-        problems = [p for p in (None if workers else "no live worker", store_error) if p]
+        problems = [p for p in (None if workers or not require_worker else "no live worker", store_error) if p]
         notes = problems + ([f"{unwritable} worker(s) cannot write results"] if unwritable else [])
         body = Health(status="unavailable" if problems else "ready", redis="ok", workers=workers,
                       workers_unwritable=unwritable, store=store_state, store_free_bytes=status.free_bytes,

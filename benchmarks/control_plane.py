@@ -88,7 +88,9 @@ class StubSampler(threading.Thread):
                 self.control.left_engine(job_id)
             self.control.step_done(moved)
             for job_id in done:
-                self.control.finished_job(job_id, 1, ["stub"])
+                self.control.finished_job(job_id, 1, ["stub"], self.steps)
+        for job_id in self.held:  # stopping: as a real worker does
+            self.control.hand_back(job_id)
         self.control.sampler_done()
 
     def _take(self, block: bool) -> None:
@@ -361,37 +363,59 @@ def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict
 
 
 # -- fleet: many simulated workers ------------------------------------------------------------------------
-def _fleet_process(url: str, names: list[str], max_jobs: int, steps: int, step_s: float, stop_at: float) -> None:
-    settings = bench_settings(url)
-    conn = redis.Redis.from_url(url, max_connections=4 * len(names) + 8)
+def _fleet_process(where: dict, names: list[str], max_jobs: int, steps: int, step_s: float, stop_at: float) -> None:
+    from patchdiff_core.service.redis_conn import worker_redis
+
+    settings = Settings(**where, log_format="text", heartbeat_interval_s=2.0, heartbeat_ttl_s=10.0)
+    conn = worker_redis(settings, max_connections=4 * len(names) + 8)  # a Sentinel-aware client when asked
     workers = [stub_worker(conn, settings, name, max_jobs, steps, step_s) for name in names]
     time.sleep(max(0.0, stop_at - time.time()))
     for control, sampler in workers:
         stop_worker(control, sampler)
 
 
-def run_fleet(url: str, workers: int, seconds: float, max_jobs: int, steps: int, step_ms: float,
-              processes: int, submit_rate: float) -> dict:
-    conn = redis.Redis.from_url(url)
+def run_fleet(where: dict, workers: int, seconds: float, max_jobs: int, steps: int, step_ms: float,
+              processes: int, submit_rate: float, submitters: int) -> dict:
+    """`where`: the settings that say where Redis is (a URL, or Sentinels)."""
+    from patchdiff_core.service.redis_conn import api_redis
+
+    settings = Settings(**where, log_format="text", heartbeat_interval_s=2.0, heartbeat_ttl_s=10.0)
+    conn = api_redis(settings)
     conn.flushdb()
-    settings = bench_settings(url)
     store = JobStore(conn, settings)
     stop_at = time.time() + seconds + 5
     per = [[f"sim{p}-{i}" for i in range(p, workers, processes)] for p in range(min(processes, workers))]
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_fleet_process, args=(url, names, max_jobs, steps, step_ms / 1000, stop_at))
+    children = [ctx.Process(target=_fleet_process, args=(where, names, max_jobs, steps, step_ms / 1000, stop_at))
                 for names in per if names]
     for child in children:
         child.start()
     wait_until(lambda: store.live_workers(limit=0)[0] >= workers, 120, "the simulated workers")
     spec = SPEC.model_copy(update={"timesteps": str(steps)})
     cpu0, finished0 = redis_cpu(conn), store.metric_counters().get("jobs_finished", 0)
-    ids, t0 = [], time.monotonic()
-    interval = 1.0 / submit_rate if submit_rate > 0 else 0.0
-    while time.monotonic() - t0 < seconds:
-        ids.append(store.submit(spec, cost=steps)[0].id)
-        if interval:
-            time.sleep(max(0.0, t0 + len(ids) * interval - time.monotonic()))
+    ids: list[str] = []
+    lock = threading.Lock()
+    t0 = time.monotonic()
+    capacity = workers * max_jobs / (steps * step_ms / 1000)  # jobs/s the stand-in workers can finish
+    submit_rate = submit_rate or 0.8 * capacity  # a steady state: below what they can do
+    interval = submitters / submit_rate
+
+    def submit_for_a_while() -> None:
+        mine = JobStore(api_redis(settings), settings)
+        count = 0
+        while time.monotonic() - t0 < seconds:
+            job_id = mine.submit(spec, cost=steps)[0].id
+            count += 1
+            with lock:
+                ids.append(job_id)
+            if interval:
+                time.sleep(max(0.0, t0 + count * interval - time.monotonic()))
+
+    threads = [threading.Thread(target=submit_for_a_while) for _ in range(submitters)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     elapsed = time.monotonic() - t0
     cpu = redis_cpu(conn) - cpu0
     done = store.metric_counters().get("jobs_finished", 0) - finished0
@@ -405,7 +429,8 @@ def run_fleet(url: str, workers: int, seconds: float, max_jobs: int, steps: int,
     for child in children:
         child.join(60)
     waits.sort()
-    return {"workers": workers, "submitted": len(ids), "finished": int(done), "jobs_per_s": done / elapsed,
+    return {"workers": workers, "capacity_per_s": capacity, "submitted": len(ids), "finished": int(done),
+            "jobs_per_s": done / elapsed,
             "submitted_per_s": len(ids) / elapsed, "p50_wait_ms": 1e3 * waits[len(waits) // 2] if waits else None,
             "p99_wait_ms": 1e3 * waits[int(0.99 * (len(waits) - 1))] if waits else None,
             "redis_cpu_ms_per_job": cpu / max(1, done) * 1e3, "redis_cpu_share": cpu / elapsed}
@@ -428,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fleet-seconds", type=float, default=20.0)
     parser.add_argument("--fleet-max-jobs", type=int, default=16, help="fleet: jobs each simulated worker holds")
     parser.add_argument("--fleet-processes", type=int, default=4)
-    parser.add_argument("--submit-rate", type=float, default=0.0, help="fleet: jobs/s submitted (0 = as fast as one client can)")
+    parser.add_argument("--submit-rate", type=float, default=0.0,
+                        help="fleet: jobs/s submitted (0 = 80%% of what the simulated workers can finish)")
+    parser.add_argument("--submitters", type=int, default=4, help="fleet: submitting threads")
     parser.add_argument("--sentinel", action="store_true", help="fleet: through Redis Sentinel (a master, a replica, 3 sentinels)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
@@ -484,16 +511,16 @@ def main(argv: list[str] | None = None) -> None:
         for workers in [int(x) for x in args.workers.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 if args.sentinel:
-                    from sentinel_harness import SentinelSet
+                    from sentinel_harness import MASTER_NAME, SentinelSet
 
                     cluster = SentinelSet(Path(tmp)).start()
-                    url = cluster.url
+                    where = {"redis_sentinels": cluster.addresses, "redis_sentinel_master": MASTER_NAME}
                 else:
                     cluster = RedisServer(Path(tmp) / "redis").start()
-                    url = cluster.url
+                    where = {"redis_url": cluster.url}
                 try:
-                    r = run_fleet(url, workers, args.fleet_seconds, args.fleet_max_jobs, args.steps, args.step_ms,
-                                  args.fleet_processes, args.submit_rate)
+                    r = run_fleet(where, workers, args.fleet_seconds, args.fleet_max_jobs, args.steps, args.step_ms,
+                                  args.fleet_processes, args.submit_rate, args.submitters)
                 finally:
                     cluster.stop()
             out["fleet"].append(r)

@@ -111,6 +111,7 @@ def recipes(up: TestClient, down: TestClient) -> dict[tuple[str, str, int], call
         ("get", "/autoscale", 503): lambda: down.get("/autoscale"),
         ("get", "/readyz", 200): lambda: up.get("/readyz"),
         ("get", "/readyz", 503): lambda: down.get("/readyz"),
+        ("get", "/readyz", 422): lambda: down.get("/readyz?require_worker=maybe"),
         ("get", "/metrics", 200): lambda: down.get("/metrics"),  # even with Redis gone
         ("delete", job, 202): lambda: up.delete(f"/jobs/{queued}", headers=KEY),
         ("delete", job, 409): lambda: up.delete(f"/jobs/{done}", headers=KEY),

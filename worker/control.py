@@ -130,10 +130,11 @@ class ControlLoop(threading.Thread):
         """The job's last image is done: its results are being written (its place is free)."""
         self._mail.put(_Mail("left", job_id))
 
-    def finished_job(self, job_id: str, num_results: int, model_sha256: list[str]) -> None:
-        """Its results are written: publish them (the job is finished)."""
-        self._mail.put(_Mail("end", job_id, ("finished", {"num_results": str(num_results),
-                                                          "model_sha256": json.dumps(model_sha256)})))
+    def finished_job(self, job_id: str, num_results: int, model_sha256: list[str], total_steps: int) -> None:
+        """Its results are written: publish them (the job is finished, its progress complete)."""
+        self._mail.put(_Mail("end", job_id, ("finished", {
+            "num_results": str(num_results), "model_sha256": json.dumps(model_sha256),
+            "step": str(total_steps), "total": str(total_steps), "images_done": str(num_results)})))
 
     def failed_job(self, job_id: str, reason: str) -> None:
         self._mail.put(_Mail("end", job_id, ("failed", {"error": reason[:2000]})))

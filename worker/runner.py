@@ -239,7 +239,7 @@ class EngineRunner:
                 continue
             if tries > 1:
                 self.control.store_writable(True)
-            self.control.finished_job(record.id, request.spec.num_images, request.model.sha256)
+            self.control.finished_job(record.id, request.spec.num_images, request.model.sha256, request.total_steps)
             log.info("job results written", extra=self._fields(record.id, attempt))
             return
 

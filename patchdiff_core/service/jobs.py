@@ -70,6 +70,7 @@ class JobStore:
         self._load = conn.register_script(scripts.MODEL_LOAD)
         self._known: tuple[float, list[str]] = (-1e9, [])
         self._served: tuple[float, dict[str, dict[str, Any]]] = (-1e9, {})
+        self._replicas: tuple[float, int] = (-1e9, 0)
 
     # -- admission -----------------------------------------------------------------------------
     def submit(
@@ -115,8 +116,11 @@ class JobStore:
 
     def _wait_for_replicas(self) -> None:
         """With replicas (Sentinel), accept a job only once enough of them have it: replication is
-        asynchronous, so a master that dies a moment after answering could take the job with it."""
-        wanted = self.settings.wait_replicas
+        asynchronous, so a master that dies a moment after answering could take the job with it.
+        Only replicas that are connected are waited for: right after a failover the new master has
+        none until the old one comes back as its replica, and jobs are accepted on it alone (set
+        `min-replicas-to-write` on the servers to refuse them instead: the API then answers 503)."""
+        wanted = min(self.settings.wait_replicas, self._connected_replicas()) if self.settings.wait_replicas else 0
         if wanted > 0:
             acknowledged = self.redis.wait(wanted, WAIT_TIMEOUT_MS)
             if acknowledged < wanted:
@@ -143,6 +147,15 @@ class JobStore:
         rows = sorted((json.loads(v) for v in deliveries.values()),
                       key=lambda r: tuple(int(p) for p in r["event_id"].split("-")))
         return record, rows
+
+    def _connected_replicas(self) -> int:
+        """Replicas connected to the master (`ROLE`), read at most once a second."""
+        at, count = self._replicas
+        if time.monotonic() - at > SERVED_CACHE_S:
+            role = self.redis.execute_command("ROLE")
+            count = len(role[2]) if role and role[0] in (b"master", "master") else 0
+            self._replicas = (time.monotonic(), count)
+        return count
 
     @staticmethod
     def _position(rank: int | None) -> int:

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     redis_sentinel_master: str = Field(default="patchdiff", description="the master's name in the Sentinels' configuration")
     redis_password: SecretStr | None = Field(default=None, description="the Redis password with Sentinels (with `redis_url`, put it in the URL)")
     redis_sentinel_password: SecretStr | None = Field(default=None, description="the Sentinels' own password, if they have one")
-    redis_wait_replicas: int = Field(default=-1, ge=-1, description="a job is accepted (202) only once this many replicas have it (`WAIT`), so that a failover cannot lose it; -1: 1 with Sentinels, 0 (no wait) otherwise")
+    redis_wait_replicas: int = Field(default=-1, ge=-1, description="a job is accepted (202) only once this many of the master's connected replicas have it (`WAIT`), so that a failover cannot lose it; -1: 1 with Sentinels, 0 (no wait) otherwise")
     redis_prefix: str = Field(default="patchdiff", pattern=r"^[A-Za-z0-9_.{}-]{1,64}$",
                               description="prefix of every Redis key of the service (several deployments can share one Redis)")
     redis_retry_max_s: float = Field(default=2.0, gt=0, description="workers: longest wait between Redis reconnect attempts")
