@@ -105,12 +105,13 @@ def test_paused_worker_cannot_overwrite_the_results(stack, tmp_path):
     published = httpx.get(done["links"]["record"]).json()
     assert published["attempt"] == 2 and published["worker"] == done["worker"]
     grid = httpx.get(done["links"]["grid"]).content
-    time.sleep(6)  # the resumed worker runs into the fence at its next step and cleans up
+    # The resumed worker learns at its next heartbeat that the job is no longer its own, and deletes
+    # what its attempt wrote.
+    wait_until(lambda: sorted(p.name for p in (tmp_path / "store" / job["id"]).iterdir()) == ["a2"], 30,
+               "the stale attempt's files to go")
     after = _job(url, job["id"])
     assert after["status"] == "finished" and after["worker"] == done["worker"]
     assert httpx.get(done["links"]["grid"]).content == grid
-    attempts = sorted(p.name for p in (tmp_path / "store" / job["id"]).iterdir())
-    assert attempts == ["a2"], attempts
     assert paused.poll() is None  # the paused worker lives on and takes new jobs
     again = httpx.post(url + "/generate", json={"num_images": 1, "timesteps": "5"}).json()
     assert wait_job(url, again["id"], timeout=60)["status"] == "finished"
