@@ -49,14 +49,19 @@ FORWARD_TOL, TRAJECTORY_TOL = 1e-5, 1e-4  # as tests/conftest.py
 
 
 @contextmanager
-def true_fp32():
-    """TF32 off for matmuls and cuDNN convolutions (cuDNN's default is on), restored afterwards."""
+def tf32(enabled: bool):
+    """TF32 on or off for matmuls and cuDNN convolutions (cuDNN's default is on), restored afterwards."""
     served = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = served
+
+
+def true_fp32():
+    """TF32 off: the golden fixtures' tolerances are for real fp32."""
+    return tf32(False)
 
 
 def sync(device):

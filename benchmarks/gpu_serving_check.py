@@ -46,11 +46,11 @@ import tempfile
 import threading
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from gpu_check import _peak, rel, run_engine, sync, timed, true_fp32
+from gpu_check import _peak, rel, run_engine, sync, tf32, timed, true_fp32
 
 from patchdiff_core.diffusion.schedule import Schedule
 from patchdiff_core.generation.compiled import (
@@ -499,16 +499,6 @@ def worker_section(setup: Setup, deadline: float) -> list[str]:
         ratio = service_ips / engine["ips"]
         lines += ["", f"Ratio {ratio:.2f} (goal ≥ 0.9): " + ("MET" if ratio >= 0.9 else "NOT MET") + "."]
     return lines + [""]
-
-
-@contextmanager
-def tf32(enabled: bool):
-    served = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = served
 
 
 def precision_section(setup: Setup, deadline: float) -> list[str]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -20,6 +18,7 @@ from service_harness import (
     write_weights_dir,
 )
 from sse_client import read_events
+from webhook_receiver import Receiver
 from standardwebhooks.webhooks import Webhook
 
 pytestmark = pytest.mark.slow
@@ -176,42 +175,11 @@ def _stream_opens(events_url: str) -> bool:
         return response.status_code == 200
 
 
-class Receiver:
-    """An HTTP receiver on 127.0.0.1 that records deliveries; paths starting /flaky fail twice first."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with receiver.lock:
-                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    tries = sum(r["path"] == self.path for r in receiver.requests)
-                code = 500 if self.path.startswith("/flaky") and tries <= 2 else 204
-                self.send_response(code)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def at(self, path: str) -> list[dict]:
-        with self.lock:
-            return [r for r in self.requests if r["path"] == path]
-
-
 @pytest.fixture
 def receiver():
     r = Receiver()
     yield r
-    r.server.shutdown()
+    r.close()
 
 
 def verified(request: dict) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from webhook_receiver import Receiver
 
 from patchdiff_core.generation.images import to_uint8
 from patchdiff_core.generation.preview import preview_png, shrink_for_preview
@@ -76,33 +77,6 @@ def test_live_routes_need_the_api_key_and_the_page_does_not(redis_url, tmp_path)
             assert client.get(path).status_code == 404, path
 
 
-class Receiver:
-    """A webhook receiver on 127.0.0.1 answering `status`; keeps what it got."""
-
-    def __init__(self, status: int = 200):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        got = self.got = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                got.append((dict(self.headers), self.rfile.read(int(self.headers["content-length"]))))
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 SECRET = "whsec_" + "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="
 
 
@@ -161,13 +135,14 @@ def test_the_sender_delivers_signed_events_and_acknowledges_them(redis_url):
         run_sender(redis_url, settings, lambda: jobs.webhook_deliveries(record.id))
     finally:
         receiver.close()
-    (headers, body), = receiver.got
+    request, = receiver.at("/hook")
+    headers, body = request["headers"], request["body"]
     headers = {k.lower(): v for k, v in headers.items()}
     assert headers["host"] == f"localhost:{receiver.port}" and headers["webhook-id"].startswith(f"{record.id}.")
     payload = Webhook(SECRET).verify(body, headers)
     assert payload["type"] == "job.queued" and payload["data"]["job_id"] == record.id
     status, = jobs.webhook_deliveries(record.id)
-    assert status["status"] == "delivered" and status["http_status"] == 200 and status["attempts"] == 1
+    assert status["status"] == "delivered" and status["http_status"] == 204 and status["attempts"] == 1
     assert jobs.redis.xpending(jobs.keys.webhooks, GROUP)["pending"] == 0
 
 
@@ -191,7 +166,7 @@ def test_a_failing_delivery_gives_up_after_its_attempts_and_is_acknowledged(redi
         receiver.close()
     status, = jobs.webhook_deliveries(record.id)
     assert status["attempts"] == 3 and status["status"] == "failed", status
-    assert len(receiver.got) == (3 if failure == "http 500" else 0)
+    assert len(receiver.at("/hook")) == (3 if failure == "http 500" else 0)
     assert jobs.redis.zcard(jobs.keys.webhook_retries) == 0
     assert jobs.redis.xpending(jobs.keys.webhooks, webhooks.GROUP)["pending"] == 0
 
@@ -213,7 +188,7 @@ def test_the_sender_tries_every_resolved_address(redis_url, monkeypatch):
         run_sender(redis_url, settings, lambda: jobs.webhook_deliveries(record.id))
     finally:
         receiver.close()
-    assert len(receiver.got) == 1 and jobs.webhook_deliveries(record.id)[0]["status"] == "delivered"
+    assert len(receiver.at("/hook")) == 1 and jobs.webhook_deliveries(record.id)[0]["status"] == "delivered"
 
 
 def test_previews_shrink_on_the_device_before_copying():
