@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from patchdiff_core.service.jobs import JobStore
 from patchdiff_core.service.lease import Lease
 from patchdiff_core.service.metrics import HISTOGRAMS
+from patchdiff_core.service.records import TERMINAL
 
 
 METRICS_LEASE_S = 120.0  # longer than any sane scrape interval
@@ -47,7 +48,7 @@ class JobMetrics(Collector):
         submitted.add_metric([], counters.get("jobs_submitted", 0))
         yield submitted
         completed = CounterMetricFamily("patchdiff_jobs_completed", "Jobs that ended, by final state", labels=["state"])
-        for state in ("finished", "failed", "cancelled"):
+        for state in TERMINAL:
             completed.add_metric([state], counters.get(f"jobs_{state}", 0))
         yield completed
         requeued = CounterMetricFamily("patchdiff_jobs_requeued", "Jobs put back in their queue (their worker died or shut down)")

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL = ("finished", "failed", "cancelled")
+from patchdiff_core.service.records import TERMINAL  # the statuses a job ends in
 
 
 class ServiceError(Exception):
