@@ -67,8 +67,9 @@ bench: install
 soak: install
 	$(PY) benchmarks/soak.py --seconds 300
 
-# The compose stack for real: images built offline from a wheelhouse, the CPU override, a job through
-# the API, a worker restart mid-job, down/up. Needs a Docker engine and Compose v2 (see README).
+# The compose stack for real: images built offline from a wheelhouse, the CPU override, scaled to 2 API
+# replicas and 3 workers; jobs through each, a worker killed mid-job, the metrics of the replicas, down/up.
+# Needs a Docker engine and Compose v2 (.ci/setup-docker.sh).
 compose-test: install
 	PYTHON=$(abspath $(PY)) bash tests/compose/compose_test.sh
 

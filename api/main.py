@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     me = f"api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     reaper = Reaper(jobs.redis, settings, holder=me)
     janitor = Lease(jobs.redis, jobs.keys, "janitor", me, 3 * settings.janitor_interval_s)
+    metrics_lease = Lease(jobs.redis, jobs.keys, "metrics", me, METRICS_LEASE_S)
 
     def reap() -> None:
         for job_id, action in reaper.reap():
@@ -91,6 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         for task in tasks:
             task.cancel()
+        for lease in (reaper.lease, janitor, metrics_lease):  # another replica takes the roles at once
+            await asyncio.to_thread(lease.release)
 
     app = FastAPI(
         title="patchdiff",
@@ -109,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jobs = jobs
     app.state.store = store
     metrics_registry = CollectorRegistry()
-    metrics_registry.register(JobMetrics(jobs, Lease(jobs.redis, jobs.keys, "metrics", me, METRICS_LEASE_S)))
+    metrics_registry.register(JobMetrics(jobs, metrics_lease))
     metrics_registry.register(StoreMetrics(store))
     register_process_metrics(metrics_registry)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

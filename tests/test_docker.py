@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs
 import yaml
+from conftest import needs
 
 try:
     import tomllib
@@ -285,7 +285,7 @@ def _resolved_service_envs(compose: dict, env: dict[str, str]) -> dict[str, dict
 # -- files, builds and COPY sources ---------------------------------------------------------------
 
 def test_compose_files_parse_and_name_the_services(compose, compose_cpu):
-    assert {"redis", "s3", "s3-init", "api", "worker"} <= set(compose["services"])
+    assert {"redis", "s3", "s3-init", "proxy", "api", "worker"} <= set(compose["services"])
     assert not [n for n in compose["services"] if "minio" in n], "MinIO's images are gone from Docker Hub"
     assert set(compose_cpu["services"]) <= set(compose["services"]), "the override adds no service"
 
@@ -527,7 +527,7 @@ def test_base_and_third_party_images_are_variables(compose):
         assert dockerfile.arg_defaults()["PYTHON_IMAGE"].startswith("python:3.11")
         assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in dockerfile.all("FROM")), f"{path.name}: FROM {dockerfile.all('FROM')}"
     services = compose["services"]
-    for name, var in (("redis", "REDIS_IMAGE"), ("s3", "S3_IMAGE")):
+    for name, var in (("redis", "REDIS_IMAGE"), ("s3", "S3_IMAGE"), ("proxy", "PROXY_IMAGE")):
         image = services[name]["image"]
         assert image.startswith("${" + var + ":-"), f"{name}: image {image} is not overridable with {var}"
         default = interpolate(image, {})
@@ -551,8 +551,83 @@ def test_api_cmd_is_uvicorn_factory_on_the_exposed_port(compose):
     port = cmd[cmd.index("--port") + 1]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert dockerfile.one("EXPOSE").split() == [port]
-    published = [str(p) for p in compose["services"]["api"]["ports"]]
-    assert [p.rsplit(":", 1)[1] for p in published] == [port], f"api ports {published} do not map to {port}"
+    assert [str(p) for p in compose["services"]["api"]["expose"]] == [port]
+
+
+# -- compose: the proxy in front of the API replicas ----------------------------------------------
+
+def _haproxy_config(compose: dict) -> dict[str, dict[str, list[list[str]]]]:
+    """{section: {name: [keyword line, split]}} of the proxy's HAProxy configuration (`configs:`)."""
+    sections: dict[str, dict[str, list[list[str]]]] = {}
+    current: list[list[str]] | None = None
+    for line in compose["configs"]["proxy-config"]["content"].splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(words[0], {}).setdefault(" ".join(words[1:]), [])
+        else:
+            assert current is not None, f"a keyword outside any section: {line!r}"
+            current.append(words)
+    return sections
+
+
+def _keyword(lines: list[list[str]], *keyword: str) -> list[list[str]]:
+    """The arguments of each line of `lines` that starts with `keyword`."""
+    return [words[len(keyword):] for words in lines if tuple(words[:len(keyword)]) == keyword]
+
+
+def test_only_the_proxy_publishes_a_port_so_the_api_scales(compose, merged):
+    """`--scale api=N` needs the API replicas to publish no host port; the proxy publishes API_PORT."""
+    for data in (compose, merged):
+        published = {name: svc["ports"] for name, svc in data["services"].items() if svc.get("ports")}
+        assert published == {"proxy": ["127.0.0.1:${API_PORT:-8000}:8000"]}, published
+    assert interpolate(compose["services"]["proxy"]["ports"][0], {}) == "127.0.0.1:8000:8000"
+    assert compose["services"]["proxy"]["depends_on"] == {"api": {"condition": "service_started"}}
+    assert "container_name" not in compose["services"]["api"], "a fixed container name cannot scale"
+
+
+def test_proxy_config_balances_over_the_api_replicas(compose, tmp_path):
+    """The HAProxy configuration against the compose file and the API: the port it binds is the one
+    published, its servers are the `api` service's replicas on uvicorn's port found through Docker's
+    DNS, health-checked on the liveness route, with timeouts that an event stream's keep-alives fit."""
+    from patchdiff_core.service.settings import Settings
+
+    proxy = compose["services"]["proxy"]
+    command = proxy["command"]
+    config_path = command[command.index("-f") + 1]
+    assert [c["target"] for c in proxy["configs"] if c["source"] == "proxy-config"] == [config_path]
+    config = _haproxy_config(compose)
+    frontend = next(iter(config["frontend"].values()))
+    published_target = proxy["ports"][0].rsplit(":", 1)[1]
+    assert _keyword(frontend, "bind") == [[f":{published_target}"]]
+    backends = config["backend"]
+    assert _keyword(frontend, "default_backend") == [[name] for name in backends]
+    backend = next(iter(backends.values()))
+
+    api_port = Dockerfile(API_DOCKERFILE).one("EXPOSE").split()[0]
+    [(_name, count, address)] = [tuple(args) for args in _keyword(backend, "server-template")]
+    assert address == f"api:{api_port}", f"the proxy's servers are {address}, the API replicas api:{api_port}"
+    assert int(count) >= 2, "room for several replicas"
+    default_server = _keyword(backend, "default-server")[0]
+    assert "check" in default_server and default_server[default_server.index("resolvers") + 1] in config["resolvers"]
+    assert default_server[default_server.index("init-addr") + 1] == "none", "HAProxy must start before any replica"
+    resolvers = next(iter(config["resolvers"].values()))
+    assert _keyword(resolvers, "nameserver")[0][1] == "127.0.0.11:53", "Docker's embedded DNS"
+    assert _keyword(backend, "option", "httpchk") == [[]]
+    [check] = _keyword(backend, "http-check", "send")
+    assert check[check.index("meth") + 1] == "GET"
+    assert check[check.index("uri") + 1] == "/healthz", f"the proxy checks {check}: the API's liveness is /healthz"
+    assert "/healthz" in _app_paths(tmp_path)
+
+    def seconds(value: str) -> float:
+        number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)?", value).groups()
+        return int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 0.001}[unit]
+
+    timeouts = {args[0]: seconds(args[1]) for args in _keyword(next(iter(config["defaults"].values())), "timeout")}
+    keepalive = Settings.model_fields["sse_keepalive_s"].default
+    assert min(timeouts["client"], timeouts["server"]) >= 3 * keepalive, \
+        f"an idle event stream sends a keep-alive every {keepalive} s: the proxy's timeouts {timeouts} cut it"
 
 
 def test_api_module_imports_without_torch():
@@ -685,13 +760,60 @@ def _devices(service: dict) -> list:
     return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
 
 
-def test_worker_reserves_a_gpu_in_the_base_file_and_none_with_the_cpu_override(compose, merged):
+def test_worker_sees_every_gpu_in_the_base_file_and_none_with_the_cpu_override(compose, merged):
     devices = _devices(compose["services"]["worker"])
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     assert not any(_devices(svc) for name, svc in compose["services"].items() if name != "worker")
     assert _devices(merged["services"]["worker"]) == []
     assert service_env(merged["services"]["worker"])["PATCHDIFF_DEVICE"] == "cpu"
     assert service_env(compose["services"]["worker"])["PATCHDIFF_DEVICE"] == "cuda"
+
+
+def _volume_mounts(service: dict) -> list[tuple[str, str]]:
+    """[(source, target)] of a service's volumes (short or long syntax)."""
+    mounts = []
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            mounts.append((volume.get("source", ""), volume["target"]))
+        else:
+            source, _, rest = str(volume).partition(":")
+            mounts.append((source, rest.split(":")[0]))
+    return mounts
+
+
+def test_worker_replicas_claim_one_gpu_each_through_a_shared_lock_folder(compose, merged, monkeypatch, tmp_path):
+    """`--scale worker=N` on a machine with N GPUs: each replica sees every GPU and claims the first
+    free one by a lock in PATCHDIFF_GPU_LOCK_DIR, which must be a named volume that the worker
+    replicas share (a folder of each container's own would let every replica claim GPU 0), owned by
+    the worker image's user."""
+    from patchdiff_core.service.settings import Settings
+    from worker.gpus import choose_device
+
+    worker = compose["services"]["worker"]
+    lock_dir = service_env(worker)["PATCHDIFF_GPU_LOCK_DIR"]
+    sources = [src for src, target in _volume_mounts(worker) if target == lock_dir]
+    assert len(sources) == 1, f"no volume is mounted on PATCHDIFF_GPU_LOCK_DIR {lock_dir}: {worker.get('volumes')}"
+    source = sources[0]
+    assert source in compose["volumes"], f"{lock_dir} is not on a named volume (each replica would have its own)"
+    others = [name for name, svc in compose["services"].items()
+              if name != "worker" and source in [src for src, _ in _volume_mounts(svc)]]
+    assert not others, f"only the workers share the GPU locks; {others} mount {source} too"
+    monkeypatch.setenv("PATCHDIFF_GPU_LOCK_DIR", lock_dir)
+    assert str(Settings().gpu_lock_dir) == lock_dir
+
+    # The image makes the folder, owned by the user the worker runs as (a new named volume takes the
+    # ownership of the folder it is mounted on).
+    dockerfile = Dockerfile(WORKER_DOCKERFILE)
+    user = dockerfile.all("USER")[-1].split(":")[0]
+    runs = " ".join(dockerfile.all("RUN"))
+    assert re.search(r"mkdir -p [^&;]*" + re.escape(lock_dir) + r"(\s|$)", runs), f"the image does not make {lock_dir}"
+    parent = lock_dir.rsplit("/", 1)[0]
+    assert re.search(rf"chown -R (\S+:\S+) {re.escape(parent)}(\s|$)", runs), f"{parent} is not given to the worker's user"
+    assert re.search(rf"useradd --uid {user}\b", runs), f"USER {user} is not the user the image creates"
+
+    # The CPU override keeps the setting; a CPU worker claims nothing.
+    assert service_env(merged["services"]["worker"])["PATCHDIFF_GPU_LOCK_DIR"] == lock_dir
+    assert choose_device("cpu", tmp_path, 4) == ("cpu", None) and not list(tmp_path.iterdir())
 
 
 def test_cpu_override_keeps_the_rest_of_the_worker(compose, merged):

@@ -406,6 +406,10 @@ def test_one_process_at_a_time_holds_a_role(jobs):
     assert a.hold() and not b.hold() and a.hold()  # the holder renews; the other stands by
     time.sleep(0.4)  # the holder stopped renewing (it died)
     assert b.hold() and not a.hold()
+    a.release()  # only the holder can give it up...
+    assert not a.hold()
+    b.release()  # ...and a process that stops does, so that another takes over at once
+    assert a.hold()
 
 
 def test_status_changes_and_their_webhooks_are_one_step(jobs):

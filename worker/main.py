@@ -133,6 +133,7 @@ def run_worker(settings: Settings | None = None, burst: bool = False, name: str 
         control.stop()
         reaper.stopped.set()
         control.join()
+        reaper.reaper.lease.release()
 
 
 if __name__ == "__main__":

@@ -27,12 +27,26 @@ end
 return 0
 """
 
+# KEYS: the lease. ARGV: holder. Gives the lease up if `holder` holds it.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class Lease:
     def __init__(self, conn: redis.Redis, keys: Keys, role: str, holder: str, ttl_s: float):
         self.key, self.holder, self.ttl_ms = keys.lease(role), holder, max(100, int(ttl_s * 1000))
         self._hold = conn.register_script(HOLD)
+        self._release = conn.register_script(RELEASE)
 
     def hold(self) -> bool:
         """Take or renew the lease; True while this process holds it (raises on Redis errors)."""
         return bool(self._hold(keys=[self.key], args=[self.holder, self.ttl_ms]))
+
+    def release(self) -> None:
+        """Give the lease up (a process that stops): another takes it at once, not a TTL later."""
+        try:
+            self._release(keys=[self.key], args=[self.holder])
+        except redis.RedisError:
+            pass  # it lapses by itself

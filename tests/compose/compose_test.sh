@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # `make compose-test`: build the images and run the compose stack for real on this machine, with the
-# CPU override, then check it from the host through the API's published port only (check.py):
-# a job end to end (grid PNG from the S3 store), a worker restart mid-job, `down` + `up` keeping the
-# finished job's results.
+# CPU override, scaled out (2 API replicas behind the `proxy` service, 3 workers), then check it from
+# the host (check.py): jobs through the proxy's port and through each API replica (grid PNGs from
+# the S3 store through any of them), the job metrics of the replicas summing to the jobs submitted,
+# one worker restarted mid-job, GPU claims across the worker containers' shared lock folder,
+# `down` + `up` keeping the finished jobs' results on the same port.
 #
 # Needs a Docker engine and Compose v2 (`docker compose`), debootstrap (to make the base images
 # when no registry can be reached) and the project's venv (PYTHON). .ci/run installs all of them.
 #
 # Settings (environment):
 #   PATCHDIFF_COMPOSE_CACHE   where the Debian root filesystems are cached (/var/cache/patchdiff-compose-test)
-#   PATCHDIFF_COMPOSE_PORT    host port of the API, on 127.0.0.1 (18000)
-#   PYTHON_IMAGE, REDIS_IMAGE use these images instead of making stand-ins with debootstrap
-#                             (e.g. python:3.11.13-slim-bookworm and redis:7.4.6-alpine where a registry works)
+#   PATCHDIFF_COMPOSE_PORT    host port of the API (the proxy), on 127.0.0.1 (18000)
+#   PYTHON_IMAGE, REDIS_IMAGE, PROXY_IMAGE
+#                             use these images instead of making stand-ins with debootstrap (e.g.
+#                             python:3.11.13-slim-bookworm, redis:7.4.6-alpine, haproxy:3.2-alpine
+#                             where a registry works)
 #   DEBIAN_MIRROR             for debootstrap (http://deb.debian.org/debian)
 #   KEEP_STACK=1              leave the stack running at the end (default: down -v)
 set -euo pipefail
@@ -26,6 +30,9 @@ export IMAGE_TAG=compose-test
 export PATCHDIFF_API_KEYS=   # auth off for the test (the default of docker-compose.yml)
 STANDIN_PY=patchdiff-standin/python:3.11-bookworm
 STANDIN_REDIS=patchdiff-standin/redis:7.0-bookworm
+STANDIN_PROXY=patchdiff-standin/haproxy:2.6-bookworm
+# The scaled stack: what `up` starts (and check.py starts again after `down`).
+export API_REPLICAS=2 WORKER_REPLICAS=3
 t0=$SECONDS
 step() { printf '\n== [%4ss] %s\n' "$((SECONDS - t0))" "$*"; }
 
@@ -74,6 +81,17 @@ if [ -z "${REDIS_IMAGE:-}" ]; then
     make_rootfs redis redis-server python
     docker import --change 'WORKDIR /data' --change 'USER redis' --change 'CMD ["redis-server"]' \
       "$CACHE/redis.tar" "$REDIS_IMAGE"
+  fi
+fi
+if [ -z "${PROXY_IMAGE:-}" ]; then
+  export PROXY_IMAGE=$STANDIN_PROXY
+  if ! docker image inspect "$PROXY_IMAGE" >/dev/null 2>&1; then
+    step "base image $PROXY_IMAGE (Debian's haproxy on the bookworm rootfs)"
+    make_rootfs python "python3 python3-venv"
+    make_rootfs haproxy haproxy python
+    # The official image's entrypoint runs `haproxy -W -db` plus the command's arguments; so does this one.
+    docker import --change 'USER haproxy' --change 'ENTRYPOINT ["/usr/sbin/haproxy", "-W", "-db"]' \
+      "$CACHE/haproxy.tar" "$PROXY_IMAGE"
   fi
 fi
 
@@ -134,11 +152,12 @@ done
 docker run --rm --network none --entrypoint python "patchdiff-worker:$IMAGE_TAG-cpu" -c \
   "import torch; print('worker image: torch', torch.__version__, 'cuda', torch.version.cuda); assert torch.__version__.startswith('2.13.0')"
 
-step "up"
-"${COMPOSE[@]}" up -d
+step "up: $API_REPLICAS API replicas behind the proxy, $WORKER_REPLICAS workers"
+"${COMPOSE[@]}" up -d --scale api="$API_REPLICAS" --scale worker="$WORKER_REPLICAS"
 "${COMPOSE[@]}" logs --no-color s3-init
 
-step "checks through http://127.0.0.1:$API_PORT"
-"$PYTHON" tests/compose/check.py --port "$API_PORT" -- "${COMPOSE[@]}"
+step "checks through http://127.0.0.1:$API_PORT and each API replica"
+"$PYTHON" tests/compose/check.py --port "$API_PORT" --api-replicas "$API_REPLICAS" \
+  --worker-replicas "$WORKER_REPLICAS" -- "${COMPOSE[@]}"
 
 
