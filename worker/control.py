@@ -48,6 +48,7 @@ from patchdiff_core.service.worker_protocol import DONE, MoveOp, ProgressOp, Wor
 log = logging.getLogger("patchdiff.worker.control")
 
 STOP_TIMEOUT_S = 60.0  # after a stop, how long to wait for the sampling side to hand back and finish
+END_GATHER_S = 0.02  # a job's end waits this long for the ends of the jobs that finished with it (one report)
 IDLE_WAIT_MAX_S = 1.0  # an idle worker looks at its queues at least this often
 
 
@@ -59,6 +60,7 @@ class Held:
     written_at: float = field(default_factory=time.monotonic)  # its last progress event (or its start)
     preview: bytes | None = None
     end: MoveOp | None = None
+    end_at: float = 0.0  # monotonic time its end was noted
 
     @property
     def attempt(self) -> int:
@@ -204,10 +206,13 @@ class ControlLoop(threading.Thread):
 
     def _wait_s(self) -> float:
         """How long to wait for mail before something is due anyway."""
-        if self._woken or self._to_start or self._to_give_back or any(h.end for h in self._held.values()):
+        if self._woken or self._to_start or self._to_give_back:
             return 0.0
         now = time.monotonic()
         due = self._next_beat
+        for h in self._held.values():
+            if h.end is not None:
+                due = min(due, h.end_at + END_GATHER_S)
         if self._step_seen:
             due = min(due, self._last_report + self.settings.worker_report_interval_s)
         interval = self.settings.progress_event_interval_s
@@ -221,7 +226,8 @@ class ControlLoop(threading.Thread):
         if now >= self._next_beat or self._to_start or self._to_give_back:
             return True
         interval = self.settings.progress_event_interval_s
-        return any(h.end is not None or (h.progress is not None and now - h.written_at >= interval)
+        return any((h.end is not None and (now - h.end_at >= END_GATHER_S or self._stopping.is_set()))
+                   or (h.progress is not None and now - h.written_at >= interval)
                    for h in self._held.values())
 
     def _read_mail(self, wait_s: float) -> None:
@@ -264,6 +270,7 @@ class ControlLoop(threading.Thread):
     def _end(self, held: Held, to: str, fields: dict[str, str]) -> None:
         record, now = held.record, time.time()
         held.sampling = False
+        held.end_at = time.monotonic()
         if to == "finished":
             fields = {**fields, "finished_at": repr(now), "results_attempt": str(held.attempt)}
             event = end_event(record.id, "finished", num_results=int(fields["num_results"])).to_json()
