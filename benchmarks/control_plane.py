@@ -19,7 +19,8 @@ Modes (each starts its own redis-server on a free port):
 - `service`: the real service (API under uvicorn, one CPU worker with the demo model, its Redis),
   a burst of 16 one-image 20-step jobs; Redis commands per job sent by clients and run inside
   scripts (from MONITOR; the idle service's own traffic measured before and subtracted; nothing
-  polls), and Redis CPU per job.
+  polls), and Redis CPU per job (`INFO` used_cpu, the median of several bursts, less the idle
+  service's CPU measured between them and the benchmark's own polls).
 - `fleet`: W simulated workers (processes of threads, each the real control loop with the stand-in
   network) against one Redis, fed by a submitter: jobs/s, p99 time from submit to start, Redis CPU
   per job and the rate at which one Redis core would saturate.
@@ -49,6 +50,7 @@ from service_harness import RedisServer, free_port, service_env, wait_until  # n
 
 from patchdiff_core.generation.spec import GenerationSpec  # noqa: E402
 from patchdiff_core.service.jobs import JobStore  # noqa: E402
+from patchdiff_core.service.keys import Keys  # noqa: E402
 from patchdiff_core.service.settings import Settings  # noqa: E402
 from patchdiff_core.service.worker_protocol import WorkerLink  # noqa: E402
 from worker.control import ControlLoop  # noqa: E402 - torch-free
@@ -293,6 +295,9 @@ def pin_apart(redis_pid: int, others: list[int]) -> None:
                 pass
 
 
+CPU_BURSTS = 9  # bursts whose Redis CPU is measured (the median is reported)
+
+
 def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict:
     """Two bursts on the same service: one counted with MONITOR, one for Redis CPU (MONITOR itself
     costs Redis far more CPU than the service does). `tree`: the checkout whose service runs (another
@@ -306,8 +311,7 @@ def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict
             for i in range(jobs):
                 response = client.post("/generate", json={"num_images": 1, "timesteps": str(steps), "seed": seed0 + i})
                 assert response.status_code == 202, response.text
-        # (Each read here is Redis work the service does not do: ~15 us, small beside a burst.)
-        wait_until(lambda: finished() >= jobs, 300, "the burst to finish", interval=0.1)
+        wait_until(lambda: finished() >= jobs, 300, "the burst to finish", interval=0.25)
         return time.monotonic() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,29 +327,45 @@ def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict
             procs.worker()
             url = procs.api(free_port())
             wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 120, "the worker")
-            pin_apart(server.proc.pid, [p.pid for p in procs.procs])
+            pin_apart(server.proc.pid, [p.pid for p in procs.procs] + [os.getpid()])
             conn = redis.Redis.from_url(server.url)
-            store = JobStore(conn, Settings(redis_url=server.url, redis_prefix=env["PATCHDIFF_REDIS_PREFIX"]))
-            burst(url, lambda: store.metric_counters().get("jobs_finished", 0), 10_000)  # warm-up
-            # This machine's floor: the Redis CPU of one PING round trip (mostly the kernel's).
+            metrics_key = Keys(env["PATCHDIFF_REDIS_PREFIX"]).metrics
+            polls = [0]
+
+            def finished_jobs() -> int:
+                """The benchmark's own poll (polls are not the service's work: their Redis CPU is
+                measured alone and subtracted)."""
+                polls[0] += 1
+                return int(conn.hget(metrics_key, "jobs_finished") or 0)
+
+            burst(url, finished_jobs, 10_000)  # warm-up
+            # This machine's floor: the Redis CPU of one PING round trip (mostly the kernel's); and
+            # of one of the benchmark's polls.
             cpu0 = redis_cpu(conn)
             for _ in range(5000):
                 conn.ping()
             ping_cpu = (redis_cpu(conn) - cpu0) / 5000
-            # Redis CPU: the idle service's own, then bursts', without MONITOR (the median of 5: one
-            # burst is ~10 ms of Redis CPU, the resolution of the kernel's accounting is ~1 ms).
-            time.sleep(1)
             cpu0 = redis_cpu(conn)
-            time.sleep(idle_s)
-            idle_cpu = (redis_cpu(conn) - cpu0) / idle_s
-            per_burst = []
-            for repeat in range(5):
-                done0 = store.metric_counters().get("jobs_finished", 0)
-                cpu0 = redis_cpu(conn)
-                cpu_elapsed = burst(url, lambda: store.metric_counters().get("jobs_finished", 0) - done0,
-                                    20_000 + 1000 * repeat)
-                per_burst.append(redis_cpu(conn) - cpu0 - idle_cpu * cpu_elapsed)
-                time.sleep(1)
+            for _ in range(5000):
+                finished_jobs()
+            poll_cpu = (redis_cpu(conn) - cpu0) / 5000
+            # Redis CPU of bursts, without MONITOR: the median of CPU_BURSTS (one burst is a few ms of
+            # Redis CPU on a machine whose noise is of that order), less the idle service's own CPU
+            # (Redis' timers and the service's heartbeats: about half of it on a small machine),
+            # measured between the bursts so that the machine's drift shows in both alike.
+            idle_cpu = idle_time = 0.0
+            burst_cpu, burst_time = [], []
+            for repeat in range(CPU_BURSTS):
+                time.sleep(1)  # the last burst's tail
+                cpu0, t0 = redis_cpu(conn), time.monotonic()
+                time.sleep(idle_s / CPU_BURSTS)
+                idle_cpu, idle_time = idle_cpu + redis_cpu(conn) - cpu0, idle_time + time.monotonic() - t0
+                done0 = finished_jobs()
+                cpu0, polls[0] = redis_cpu(conn), 0
+                burst_time.append(burst(url, lambda done0=done0: finished_jobs() - done0, 20_000 + 1000 * repeat))
+                burst_cpu.append(redis_cpu(conn) - cpu0 - poll_cpu * polls[0])
+            idle_cpu /= idle_time
+            per_burst = [c - idle_cpu * t for c, t in zip(burst_cpu, burst_time)]
             cpu = statistics.median(per_burst)
             # Commands: the idle service's own, then a burst's, with MONITOR.
             counter = CommandCounter(server.url)
@@ -365,8 +385,9 @@ def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict
     scripts = (i2 - i1 - idle_script * elapsed) / jobs
     return {"jobs": jobs, "steps": steps, "sent_per_job": sent, "in_scripts_per_job": scripts,
             "idle_sent_per_s": idle_sent, "idle_in_scripts_per_s": idle_script, "elapsed_s": elapsed,
-            "redis_cpu_ms_per_job": cpu / jobs * 1e3, "idle_redis_cpu_ms_per_s": idle_cpu * 1e3,
-            "ping_redis_cpu_us": ping_cpu * 1e6}
+            "redis_cpu_ms_per_job": cpu / jobs * 1e3,
+            "redis_cpu_ms_per_job_range": [min(per_burst) / jobs * 1e3, max(per_burst) / jobs * 1e3], "idle_redis_cpu_ms_per_s": idle_cpu * 1e3,
+            "ping_redis_cpu_us": ping_cpu * 1e6, "poll_redis_cpu_us": poll_cpu * 1e6}
 
 
 # -- fleet: many simulated workers ------------------------------------------------------------------------
@@ -453,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--submits", type=int, default=2000, help="admission: submits per fleet size")
     parser.add_argument("--fleets", default="1,100,400", help="admission: live workers")
     parser.add_argument("--burst", type=int, default=16, help="service: one-image jobs in the burst")
-    parser.add_argument("--idle-s", type=float, default=10.0, help="service: idle traffic measured for this long")
+    parser.add_argument("--idle-s", type=float, default=20.0, help="service: idle traffic measured for this long")
     parser.add_argument("--before", type=Path, help="service: also measure this checkout (an earlier version), "
                         "side by side")
     parser.add_argument("--workers", default="1,10,50,100", help="fleet: simulated workers")
@@ -497,8 +518,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"## Through the real service: a burst of {r['jobs']} one-image {r['steps']}-step jobs\n")
         print(f"Redis commands per job: {r['sent_per_job']:.1f} sent by clients + {r['in_scripts_per_job']:.1f} run "
               f"inside scripts (idle service: {r['idle_sent_per_s']:.1f} + {r['idle_in_scripts_per_s']:.1f} per second, "
-              f"subtracted); Redis CPU per job: {r['redis_cpu_ms_per_job']:.3f} ms (idle service: "
-              f"{r['idle_redis_cpu_ms_per_s']:.2f} ms per second, subtracted), the CPU of "
+              f"subtracted); Redis CPU per job: {r['redis_cpu_ms_per_job']:.3f} ms (median of "
+              f"{CPU_BURSTS} bursts, {r['redis_cpu_ms_per_job_range'][0]:.3f}-{r['redis_cpu_ms_per_job_range'][1]:.3f}; idle service: "
+              f"{r['idle_redis_cpu_ms_per_s']:.2f} ms per second, and the benchmark's own polls, "
+              f"{r['poll_redis_cpu_us']:.1f} us each, subtracted), the CPU of "
               f"{r['redis_cpu_ms_per_job'] * 1e3 / r['ping_redis_cpu_us']:.0f} PING round trips on this machine "
               f"({r['ping_redis_cpu_us']:.1f} us each); a burst took {r['elapsed_s']:.1f} s.\n", flush=True)
         if args.before:

@@ -44,6 +44,11 @@ local function read(job)
   return f
 end
 
+-- Push a wake-up token for the workers blocked on this list (at most WAKE_MAX are kept).
+local function push_wake(list)
+  if redis.call('RPUSH', list, '1') > WAKE_MAX then redis.call('LTRIM', list, 0 - WAKE_MAX, -1) end
+end
+
 local function wants(f, event)
   if f.webhook == '' then return false end
   for name in string.gmatch(f.webhook_events, '[^,]+') do
@@ -62,14 +67,12 @@ local function emit(events, hooks, id, event, data, hook)
   return event_id
 end
 
--- HSET the record's status and the fields of a JSON object (strings), in one command.
-local function hset_with(job, status, fields_json)
+-- HSET the record's status and the fields of a table (strings), in one command.
+local function hset_with(job, status, fields)
   local pairs_ = {'status', status}
-  if fields_json ~= '' then
-    for k, v in pairs(cjson.decode(fields_json)) do
-      pairs_[#pairs_ + 1] = k
-      pairs_[#pairs_ + 1] = v
-    end
+  for k, v in pairs(fields) do
+    pairs_[#pairs_ + 1] = k
+    pairs_[#pairs_ + 1] = v
   end
   redis.call('HSET', job, unpack(pairs_))
 end
@@ -80,22 +83,22 @@ end
 -- status), adds `charge` to the runs charged, writes `fields_json`, appends the event.
 local function move(K, jk, id, f, to, charge, fields_json, data, hook)
   local t = redis.call('TIME')
+  local fields = fields_json ~= '' and cjson.decode(fields_json) or {}
   if K.held then redis.call('SREM', K.held, id) end
   if f.status == 'running' then redis.call('ZREM', K.running, id) end
   if to == 'queued' then
     if f.status == 'running' then redis.call('HINCRBY', jk.job, 'attempt', 1) end
-    hset_with(jk.job, 'queued', fields_json)
+    hset_with(jk.job, 'queued', fields)
     redis.call('HSET', jk.job, 'worker', '', 'step', '0', 'total', '0', 'images_done', '0')
     redis.call('ZADD', jk.queued, 0 - tonumber(t[1]) - tonumber(t[2]) / 1000000, id)
-    redis.call('RPUSH', jk.wake, '1')
-    redis.call('LTRIM', jk.wake, 0 - WAKE_MAX, -1)
+    push_wake(jk.wake)
     redis.call('HINCRBY', K.metrics, 'jobs_requeued', 1)
   else
-    hset_with(jk.job, to, fields_json)
+    hset_with(jk.job, to, fields)
     if f.status == 'queued' then redis.call('ZREM', jk.queued, id) end
     redis.call('HINCRBY', K.metrics, 'jobs_' .. to, 1)
     if to == 'finished' then
-      redis.call('HINCRBY', K.metrics, 'images_generated', cjson.decode(fields_json).num_results or 0)
+      redis.call('HINCRBY', K.metrics, 'images_generated', fields.num_results or 0)
     end
     local cost = tonumber(f.cost) or 0
     if cost ~= 0 then
@@ -143,8 +146,7 @@ end
 redis.call('HSET', KEYS[1], unpack(ARGV, 16))
 if use_idem then redis.call('SET', KEYS[2], id .. ':' .. fingerprint) end
 redis.call('ZADD', KEYS[3], now, id)
-redis.call('RPUSH', KEYS[4], '1')
-redis.call('LTRIM', KEYS[4], 0 - WAKE_MAX, -1)
+push_wake(KEYS[4])
 redis.call('SADD', KEYS[5], model)
 if cost ~= 0 then
   redis.call('HINCRBY', KEYS[6], 'global', cost)
@@ -345,8 +347,7 @@ for i = 0, n - 1 do
     if seen == 'queued' and to == 'queued' then
       -- taken from its queue but never started: back to the front, same attempt, no event
       redis.call('ZADD', jk.queued, 0 - tonumber(redis.call('TIME')[1]), id)
-      redis.call('RPUSH', jk.wake, '1')
-      redis.call('LTRIM', jk.wake, 0 - WAKE_MAX, -1)
+      push_wake(jk.wake)
       verdict = 0
     elseif seen == 'running' and f.worker == worker then
       move(K, jk, id, f, to, charge, ARGV[o + 6], ARGV[o + 7], ARGV[o + 8])
