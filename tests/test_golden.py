@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import FORWARD_TOL, TRAJECTORY_TOL, Golden, nchw_to_nhwc, nhwc_to_nchw, rel_err
+from conftest import FORWARD_TOL, GOLDEN_CASES, TRAJECTORY_TOL, Golden, nchw_to_nhwc, nhwc_to_nchw, rel_err
 
 from patchdiff_core import Schedule, load_model, make_denoiser, sample_ancestral
 from patchdiff_core.diffusion import samplers
@@ -84,10 +84,13 @@ def test_thresholding_engages_and_its_percentile_matters(monkeypatch):
     assert rel_err(x0, golden.ref["sample_x0"]) > 10 * TRAJECTORY_TOL
 
 
-def test_guided_case_really_exercises_guidance(golden):
+GUIDED_CASES = [name for name in GOLDEN_CASES if Golden(name).config["guidance"] != 1.0]
+
+
+@pytest.mark.parametrize("name", GUIDED_CASES)
+def test_guided_case_really_exercises_guidance(name):
     """Guard against a fixture that would pass without guidance or thresholding being right."""
-    if golden.config["guidance"] == 1.0:
-        pytest.skip(f"{golden.name} is unguided")
+    golden = Golden(name)
     model = load_model(golden.h5)
     ref = golden.ref
     labels = torch.from_numpy(ref["sample_y"]).long()
