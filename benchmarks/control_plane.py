@@ -143,6 +143,14 @@ def redis_cpu(conn: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+def redis_cpu_per_call(conn: redis.Redis, call, n: int = 5000) -> float:
+    """Redis CPU seconds of one `call()`, made n times back to back."""
+    cpu0 = redis_cpu(conn)
+    for _ in range(n):
+        call()
+    return (redis_cpu(conn) - cpu0) / n
+
+
 def total_commands(conn: redis.Redis) -> int:
     return sum(v["calls"] for k, v in conn.info("commandstats").items())
 
@@ -299,8 +307,8 @@ CPU_BURSTS = 9  # bursts whose Redis CPU is measured (the median is reported)
 
 
 def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict:
-    """Two bursts on the same service: one counted with MONITOR, one for Redis CPU (MONITOR itself
-    costs Redis far more CPU than the service does). `tree`: the checkout whose service runs (another
+    """Bursts on the same service: CPU_BURSTS for Redis CPU, then one counted with MONITOR (which
+    itself costs Redis far more CPU than the service does). `tree`: the checkout whose service runs (another
     one measures an earlier version side by side: `git worktree add /tmp/before <commit>`)."""
     import httpx
     from service_harness import Processes
@@ -341,14 +349,8 @@ def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict
             burst(url, finished_jobs, 10_000)  # warm-up
             # This machine's floor: the Redis CPU of one PING round trip (mostly the kernel's); and
             # of one of the benchmark's polls.
-            cpu0 = redis_cpu(conn)
-            for _ in range(5000):
-                conn.ping()
-            ping_cpu = (redis_cpu(conn) - cpu0) / 5000
-            cpu0 = redis_cpu(conn)
-            for _ in range(5000):
-                finished_jobs()
-            poll_cpu = (redis_cpu(conn) - cpu0) / 5000
+            ping_cpu = redis_cpu_per_call(conn, conn.ping)
+            poll_cpu = redis_cpu_per_call(conn, finished_jobs)
             # Redis CPU of bursts, without MONITOR: the median of CPU_BURSTS (one burst is a few ms of
             # Redis CPU on a machine whose noise is of that order), less the idle service's own CPU
             # (Redis' timers and the service's heartbeats: about half of it on a small machine),
@@ -386,7 +388,8 @@ def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict
     return {"jobs": jobs, "steps": steps, "sent_per_job": sent, "in_scripts_per_job": scripts,
             "idle_sent_per_s": idle_sent, "idle_in_scripts_per_s": idle_script, "elapsed_s": elapsed,
             "redis_cpu_ms_per_job": cpu / jobs * 1e3,
-            "redis_cpu_ms_per_job_range": [min(per_burst) / jobs * 1e3, max(per_burst) / jobs * 1e3], "idle_redis_cpu_ms_per_s": idle_cpu * 1e3,
+            "redis_cpu_ms_per_job_range": [min(per_burst) / jobs * 1e3, max(per_burst) / jobs * 1e3],
+            "idle_redis_cpu_ms_per_s": idle_cpu * 1e3,
             "ping_redis_cpu_us": ping_cpu * 1e6, "poll_redis_cpu_us": poll_cpu * 1e6}
 
 

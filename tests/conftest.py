@@ -1,3 +1,4 @@
+import functools
 import json
 from pathlib import Path
 
@@ -45,7 +46,10 @@ class Golden:
         self.dir = FIXTURES / name
         self.h5 = self.dir / "ema_weights.h5"
         self.config = json.loads((self.dir / "config.json").read_text())
-        self.ref = dict(np.load(self.dir / "reference.npz"))
+
+    @functools.cached_property
+    def ref(self) -> dict[str, np.ndarray]:
+        return dict(np.load(self.dir / "reference.npz"))
 
 
 @pytest.fixture(params=GOLDEN_CASES)

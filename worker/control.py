@@ -204,31 +204,30 @@ class ControlLoop(threading.Thread):
     def _step_report_due(self) -> bool:
         return self._step_seen and time.monotonic() - self._last_report >= self.settings.worker_report_interval_s
 
+    def _next_due(self) -> float:
+        """When a report is due (monotonic): the heartbeat, a job's end (once the ends that finished
+        with it had END_GATHER_S to arrive; at once when stopping), a job's progress event."""
+        due = self._next_beat
+        gather = 0.0 if self._stopping.is_set() else END_GATHER_S
+        interval = self.settings.progress_event_interval_s
+        for h in self._held.values():
+            if h.end is not None:
+                due = min(due, h.end_at + gather)
+            if h.progress is not None:
+                due = min(due, h.written_at + interval)
+        return due
+
     def _wait_s(self) -> float:
         """How long to wait for mail before something is due anyway."""
         if self._woken or self._to_start or self._to_give_back:
             return 0.0
-        now = time.monotonic()
-        due = self._next_beat
-        for h in self._held.values():
-            if h.end is not None:
-                due = min(due, h.end_at + END_GATHER_S)
+        due = self._next_due()
         if self._step_seen:
             due = min(due, self._last_report + self.settings.worker_report_interval_s)
-        interval = self.settings.progress_event_interval_s
-        for h in self._held.values():
-            if h.progress is not None:
-                due = min(due, h.written_at + interval)
-        return max(0.0, min(due - now, IDLE_WAIT_MAX_S))
+        return max(0.0, min(due - time.monotonic(), IDLE_WAIT_MAX_S))
 
     def _due(self) -> bool:
-        now = time.monotonic()
-        if now >= self._next_beat or self._to_start or self._to_give_back:
-            return True
-        interval = self.settings.progress_event_interval_s
-        return any((h.end is not None and (now - h.end_at >= END_GATHER_S or self._stopping.is_set()))
-                   or (h.progress is not None and now - h.written_at >= interval)
-                   for h in self._held.values())
+        return bool(self._to_start or self._to_give_back) or time.monotonic() >= self._next_due()
 
     def _read_mail(self, wait_s: float) -> None:
         try:
