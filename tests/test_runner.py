@@ -182,3 +182,28 @@ def test_results_that_never_fit_fail_the_job_with_the_reason(jobs, tiny, tmp_pat
         assert not list(tmp_path.rglob("*.png"))
     finally:
         worker.stop()
+
+
+def test_an_idle_worker_takes_a_submitted_job_at_once(jobs, monkeypatch):
+    """Idle, the control loop blocks on its models' wake-up lists, not on its mailbox: a job
+    submitted then is taken at once, not at the next heartbeat or idle look (both made an hour
+    long here, so the test fails if the loop is anywhere else when the job comes)."""
+    import worker.control as control
+
+    monkeypatch.setattr(control, "IDLE_WAIT_MAX_S", 3600.0)
+    settings = jobs.settings.model_copy(update={"heartbeat_interval_s": 3600.0, "heartbeat_ttl_s": 7200.0})
+    link = WorkerLink(redis.Redis.from_url(settings.redis_url), settings, "w1", ["tiny"])
+    loop = ControlLoop(link, settings, 4, {"name": "w1", "models": ["tiny"], "store": "ok"}, {"tiny": {"name": "tiny"}})
+    loop.start()
+    try:
+        wait_until(lambda: jobs.redis.zscore(jobs.keys.workers, "w1") is not None, 10, "the first heartbeat")
+        wait_until(lambda: loop.counters.loops >= 2, 10, "the loop to go idle")
+        record, _ = jobs.submit(spec())
+        assert loop.started.get(timeout=30).id == record.id
+        loop.hand_back(record.id, "the test is over")
+    finally:
+        loop.stop()
+        loop.sampler_done()  # there is no sampling thread here
+        jobs.redis.rpush(jobs.keys.wake("tiny"), "1")  # end the loop's wait
+        loop.join(30)
+    assert loop.finished.is_set()  # and it left at once: nothing held, nothing to wait for

@@ -50,6 +50,7 @@ log = logging.getLogger("patchdiff.worker.control")
 STOP_TIMEOUT_S = 60.0  # after a stop, how long to wait for the sampling side to hand back and finish
 END_GATHER_S = 0.02  # a job's end waits this long for the ends of the jobs that finished with it (one report)
 IDLE_WAIT_MAX_S = 1.0  # an idle worker looks at its queues at least this often
+IDLE_WAIT_MIN_S = 0.05  # an idle worker blocks on its wake-up lists only when its heartbeat is further away
 
 
 @dataclass
@@ -182,10 +183,9 @@ class ControlLoop(threading.Thread):
                 if self._stopping.is_set():
                     if not draining_said:
                         draining_said = self._try(self.link.draining)
-                    if (self._sampler_done.is_set() and not self._held and not self._to_start) \
-                            or time.monotonic() > self._stop_deadline:
+                    if self._may_leave():
                         break
-                if self._idle() and self.room > 0 and not self._due():
+                if self._waits_for_work():
                     self._wait_for_work()
                 if self._due() or self._woken or self._to_start or self._to_give_back or self._step_report_due():
                     if not self._try(self._report):
@@ -198,8 +198,19 @@ class ControlLoop(threading.Thread):
             log.info("control loop stopped (left: %s)", left)
             self.finished.set()
 
+    def _may_leave(self) -> bool:
+        """Stopping, and every job ended or handed back (or out of time for it)."""
+        return self._stopping.is_set() and (
+            (self._sampler_done.is_set() and not self._held and not self._to_start)
+            or time.monotonic() > self._stop_deadline)
+
     def _idle(self) -> bool:
         return not self._held and not self._to_start
+
+    def _waits_for_work(self) -> bool:
+        """Idle with room, and nothing due before a block on the wake-up lists would be worth it."""
+        return (self._idle() and self.room > 0 and not self._woken and not self._to_give_back
+                and self._next_due() - time.monotonic() > IDLE_WAIT_MIN_S)
 
     def _step_report_due(self) -> bool:
         return self._step_seen and time.monotonic() - self._last_report >= self.settings.worker_report_interval_s
@@ -218,8 +229,9 @@ class ControlLoop(threading.Thread):
         return due
 
     def _wait_s(self) -> float:
-        """How long to wait for mail before something is due anyway."""
-        if self._woken or self._to_start or self._to_give_back:
+        """How long to wait for mail before something is due anyway; 0 when idle with room: then the
+        wait is on the wake-up lists (`_wait_for_work`), so that a job submitted meanwhile is taken at once."""
+        if self._woken or self._to_start or self._to_give_back or self._waits_for_work() or self._may_leave():
             return 0.0
         due = self._next_due()
         if self._step_seen:
@@ -385,8 +397,8 @@ class ControlLoop(threading.Thread):
 
     def _wait_for_work(self) -> None:
         """Block until a job may be waiting (a wake-up token), the next heartbeat, or a stop."""
-        timeout = min(IDLE_WAIT_MAX_S, max(0.0, self._next_beat - time.monotonic()))
-        if timeout <= 0.05 or not self._mail.empty():
+        timeout = min(IDLE_WAIT_MAX_S, max(0.0, self._next_due() - time.monotonic()))
+        if timeout <= IDLE_WAIT_MIN_S or not self._mail.empty():
             return
         keys = [self.link.keys.wake(m) for m in self.link.models]
         started = time.perf_counter()
