@@ -44,14 +44,21 @@ local function read(job)
   return f
 end
 
+-- Redis server time {seconds, microseconds}, read once per script call (it cannot change within one).
+local server_time_read
+local function server_time()
+  if not server_time_read then server_time_read = redis.call('TIME') end
+  return server_time_read
+end
+
 -- Push a wake-up token for the workers blocked on this list (at most WAKE_MAX are kept).
 local function push_wake(list)
   if redis.call('RPUSH', list, '1') > WAKE_MAX then redis.call('LTRIM', list, 0 - WAKE_MAX, -1) end
 end
 
 local function wants(f, event)
-  if f.webhook == '' then return false end
-  for name in string.gmatch(f.webhook_events, '[^,]+') do
+  if (f.webhook or '') == '' then return false end
+  for name in string.gmatch(f.webhook_events or '', '[^,]+') do
     if name == event then return true end
   end
   return false
@@ -82,14 +89,14 @@ end
 -- Moves the job to `to` (queued: back to the front of its queue as a new attempt; or a terminal
 -- status), adds `charge` to the runs charged, writes `fields_json`, appends the event.
 local function move(K, jk, id, f, to, charge, fields_json, data, hook)
-  local t = redis.call('TIME')
+  local t = server_time()
   local fields = fields_json ~= '' and cjson.decode(fields_json) or {}
   if K.held then redis.call('SREM', K.held, id) end
   if f.status == 'running' then redis.call('ZREM', K.running, id) end
   if to == 'queued' then
     if f.status == 'running' then redis.call('HINCRBY', jk.job, 'attempt', 1) end
+    fields.worker, fields.step, fields.total, fields.images_done = '', '0', '0', '0'
     hset_with(jk.job, 'queued', fields)
-    redis.call('HSET', jk.job, 'worker', '', 'step', '0', 'total', '0', 'images_done', '0')
     redis.call('ZADD', jk.queued, 0 - tonumber(t[1]) - tonumber(t[2]) / 1000000, id)
     push_wake(jk.wake)
     redis.call('HINCRBY', K.metrics, 'jobs_requeued', 1)
@@ -216,7 +223,7 @@ for i = 1, M do names[i] = arg() end
 for i = 1, M do descriptions[i] = arg() end
 local reply_announce = 0
 if ttl ~= '' then
-  local t = redis.call('TIME')
+  local t = server_time()
   local expires = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ttl)
   redis.call('ZADD', K.workers, expires, worker)
   for i = 1, M do redis.call('ZADD', KEYS[13 + 3 * i], expires, worker) end
@@ -297,25 +304,34 @@ return {verdicts, inbox, taken, orphans, lost, reply_announce}
 #       in, then job ids
 # Returns one flat field/value list per started job.
 START = PRELUDE + """
-local worker, now, template = ARGV[4], ARGV[5], ARGV[6]
+local worker, now_s, template = ARGV[4], ARGV[5], ARGV[6]
 local started = {}
 for i = 7, #ARGV do
   local id = ARGV[i]
   local job, events = KEYS[4 + 2 * (i - 7)], KEYS[5 + 2 * (i - 7)]
   if redis.call('SISMEMBER', KEYS[1], id) == 1 then
-    local f = read(job)
-    if f and f.status == 'running' and f.worker == worker then
-      table.insert(started, redis.call('HGETALL', job))  -- started already: a retry after a lost reply
-    elseif f and f.status == 'queued' then
-      local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+    -- The whole record, read once: the checks below, and the reply once the changes are applied to it.
+    local record = redis.call('HGETALL', job)
+    local f, at = {}, {}
+    for j = 1, #record, 2 do f[record[j]] = record[j + 1]; at[record[j]] = j + 1 end
+    if f.status == 'running' and f.worker == worker then
+      table.insert(started, record)  -- started already: a retry after a lost reply
+    elseif f.status == 'queued' then
+      local attempts = (tonumber(f.attempts) or 0) + 1
       -- (cancel_requested stays: a job handed back after its cancel was asked ends as cancelled)
-      redis.call('HSET', job, 'status', 'running', 'worker', worker, 'started_at', now, 'step', '0', 'total', '0',
-                 'images_done', '0')
-      redis.call('ZADD', KEYS[2], now, id)
+      local changes = {'status', 'running', 'worker', worker, 'started_at', now_s, 'step', '0', 'total', '0',
+                       'images_done', '0', 'attempts', tostring(attempts)}
+      redis.call('HSET', job, unpack(changes))
+      for j = 1, #changes, 2 do
+        local name = changes[j]
+        if at[name] then record[at[name]] = changes[j + 1]
+        else table.insert(record, name); table.insert(record, changes[j + 1]) end
+      end
+      redis.call('ZADD', KEYS[2], now_s, id)
       local data = cjson.decode(template)
       data.job_id, data.attempt = id, attempts
       emit(events, KEYS[3], id, 'started', cjson.encode(data), wants(f, 'started') and f.webhook or '')
-      table.insert(started, redis.call('HGETALL', job))
+      table.insert(started, record)
     else
       redis.call('SREM', KEYS[1], id)
     end
@@ -346,7 +362,7 @@ for i = 0, n - 1 do
   if f and to ~= 'drop' and f.status == seen and f.attempt == attempt then
     if seen == 'queued' and to == 'queued' then
       -- taken from its queue but never started: back to the front, same attempt, no event
-      redis.call('ZADD', jk.queued, 0 - tonumber(redis.call('TIME')[1]), id)
+      redis.call('ZADD', jk.queued, 0 - tonumber(server_time()[1]), id)
       push_wake(jk.wake)
       verdict = 0
     elseif seen == 'running' and f.worker == worker then
