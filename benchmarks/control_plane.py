@@ -306,91 +306,134 @@ def pin_apart(redis_pid: int, others: list[int]) -> None:
 CPU_BURSTS = 9  # bursts whose Redis CPU is measured (the median is reported)
 
 
-def run_service(jobs: int, steps: int, idle_s: float, tree: Path = REPO) -> dict:
-    """Bursts on the same service: CPU_BURSTS for Redis CPU, then one counted with MONITOR (which
-    itself costs Redis far more CPU than the service does). `tree`: the checkout whose service runs (another
-    one measures an earlier version side by side: `git worktree add /tmp/before <commit>`)."""
-    import httpx
-    from service_harness import Processes
+class ServiceStack:
+    """One service (API under uvicorn, one CPU worker with the demo model) on a Redis of its own.
+    `tree`: the checkout whose service runs (another one measures an earlier version side by side:
+    `git worktree add /tmp/before <commit>`)."""
 
-    def burst(url: str, finished, seed0: int) -> float:
-        t0 = time.monotonic()
-        with httpx.Client(base_url=url) as client:
-            for i in range(jobs):
-                response = client.post("/generate", json={"num_images": 1, "timesteps": str(steps), "seed": seed0 + i})
-                assert response.status_code == 202, response.text
-        wait_until(lambda: finished() >= jobs, 300, "the burst to finish", interval=0.25)
-        return time.monotonic() - t0
+    def __init__(self, tmp: Path, jobs: int, steps: int, tree: Path):
+        from service_harness import Processes
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        server = RedisServer(tmp / "redis").start()
-        env = service_env(server.url, tree / "weights", tmp / "store", PATCHDIFF_DEFAULT_MODEL="digits",
-                          PATCHDIFF_HEARTBEAT_INTERVAL_S="2", PATCHDIFF_HEARTBEAT_TTL_S="10", PATCHDIFF_ACCESS_LOG="false",
-                          PYTHONPATH=str(tree))
+        self.jobs, self.steps, self.tree = jobs, steps, tree
+        self.server = RedisServer(tmp / "redis").start()
+        env = service_env(self.server.url, tree / "weights", tmp / "store", PATCHDIFF_DEFAULT_MODEL="digits",
+                          PATCHDIFF_HEARTBEAT_INTERVAL_S="2", PATCHDIFF_HEARTBEAT_TTL_S="10",
+                          PATCHDIFF_ACCESS_LOG="false", PYTHONPATH=str(tree))
         if tree != REPO:
             env["PATCHDIFF_REDIS_PREFIX"] = "patchdiff"  # an earlier version may know no other
-        procs = Processes(env, tmp / "logs", cwd=tree)
+        self.procs = Processes(env, tmp / "logs", cwd=tree)
+        self.metrics_key = Keys(env["PATCHDIFF_REDIS_PREFIX"]).metrics
+        self.conn = redis.Redis.from_url(self.server.url)
+        self.polls = 0
+        self.bursts_cpu: list[tuple[float, float]] = []  # (Redis CPU less the polls', seconds) of each burst
+        self.idle_cpu = self.idle_time = 0.0
+
+    def start(self) -> ServiceStack:
+        import httpx
+
+        self.procs.worker()
+        self.url = self.procs.api(free_port())
+        wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200, 120, "the worker")
+        pin_apart(self.server.proc.pid, [p.pid for p in self.procs.procs] + [os.getpid()])
+        return self
+
+    def stop(self) -> None:
+        self.procs.stop_all()
+        self.server.stop()
+
+    def finished_jobs(self) -> int:
+        """The benchmark's own poll (polls are not the service's work: their Redis CPU is measured
+        alone and subtracted)."""
+        self.polls += 1
+        return int(self.conn.hget(self.metrics_key, "jobs_finished") or 0)
+
+    def burst(self, finished, seed0: int) -> float:
+        """Submit the burst, wait until `finished()` counts all of it; returns its seconds."""
+        import httpx
+
+        t0 = time.monotonic()
+        with httpx.Client(base_url=self.url) as client:
+            for i in range(self.jobs):
+                response = client.post("/generate", json={"num_images": 1, "timesteps": str(self.steps),
+                                                          "seed": seed0 + i})
+                assert response.status_code == 202, response.text
+        wait_until(lambda: finished() >= self.jobs, 300, "the burst to finish", interval=0.25)
+        return time.monotonic() - t0
+
+    def calibrate(self) -> None:
+        """A warm-up burst; this machine's floor (the Redis CPU of one PING round trip, mostly the
+        kernel's) and the cost of one of the benchmark's polls."""
+        self.burst(self.finished_jobs, 10_000)
+        self.ping_cpu = redis_cpu_per_call(self.conn, self.conn.ping)
+        self.poll_cpu = redis_cpu_per_call(self.conn, self.finished_jobs)
+
+    def measure_burst(self, idle_s: float, repeat: int) -> None:
+        """The idle service's CPU for `idle_s` (Redis' timers and the service's heartbeats), then a
+        burst's CPU less that idle rate and the polls."""
+        time.sleep(1)  # the last burst's tail
+        cpu0, t0 = redis_cpu(self.conn), time.monotonic()
+        time.sleep(idle_s)
+        self.idle_cpu += redis_cpu(self.conn) - cpu0
+        self.idle_time += time.monotonic() - t0
+        done0 = self.finished_jobs()
+        cpu0, self.polls = redis_cpu(self.conn), 0
+        elapsed = self.burst(lambda: self.finished_jobs() - done0, 20_000 + 1000 * repeat)
+        burst_cpu = redis_cpu(self.conn) - cpu0 - self.poll_cpu * self.polls
+        self.bursts_cpu.append((burst_cpu, elapsed))
+
+    def count_commands(self, idle_s: float) -> dict:
+        """Commands of the idle service, then of a burst, from MONITOR (which itself costs Redis far
+        more CPU than the service does: done after the CPU bursts)."""
+        counter = CommandCounter(self.server.url)
+        counter.start()
+        counter.ready.wait(10)
+        time.sleep(1)
+        s0, i0, _ = counter.read()
+        time.sleep(idle_s)
+        s1, i1, f1 = counter.read()
+        idle_sent, idle_script = (s1 - s0) / idle_s, (i1 - i0) / idle_s
+        elapsed = self.burst(lambda: counter.read()[2] - f1, 0)
+        s2, i2, _ = counter.read()
+        return {"sent_per_job": (s2 - s1 - idle_sent * elapsed) / self.jobs,
+                "in_scripts_per_job": (i2 - i1 - idle_script * elapsed) / self.jobs,
+                "idle_sent_per_s": idle_sent, "idle_in_scripts_per_s": idle_script, "elapsed_s": elapsed}
+
+    def result(self) -> dict:
+        idle_rate = self.idle_cpu / self.idle_time
+        per_job = [(cpu - idle_rate * elapsed) / self.jobs * 1e3 for cpu, elapsed in self.bursts_cpu]
+        return {"jobs": self.jobs, "steps": self.steps, "redis_cpu_ms_per_job": statistics.median(per_job),
+                "redis_cpu_ms_per_job_bursts": per_job,
+                "redis_cpu_ms_per_job_range": [min(per_job), max(per_job)],
+                "idle_redis_cpu_ms_per_s": idle_rate * 1e3,
+                "ping_redis_cpu_us": self.ping_cpu * 1e6, "poll_redis_cpu_us": self.poll_cpu * 1e6}
+
+
+def run_service(jobs: int, steps: int, idle_s: float, trees: list[Path]) -> list[dict]:
+    """The same bursts on one service per tree, taken in turn (this one, an earlier one, this one...),
+    so that the machine's drift shows in all alike: CPU_BURSTS each for Redis CPU (the median is
+    reported: one burst is a few ms of Redis CPU on a machine whose noise is of that order), then
+    one each counted with MONITOR. Returns one result per tree; with two, also the median of the
+    per-pair ratios of Redis CPU (under "ratios")."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stacks: list[ServiceStack] = []
         try:
-            procs.worker()
-            url = procs.api(free_port())
-            wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 120, "the worker")
-            pin_apart(server.proc.pid, [p.pid for p in procs.procs] + [os.getpid()])
-            conn = redis.Redis.from_url(server.url)
-            metrics_key = Keys(env["PATCHDIFF_REDIS_PREFIX"]).metrics
-            polls = [0]
-
-            def finished_jobs() -> int:
-                """The benchmark's own poll (polls are not the service's work: their Redis CPU is
-                measured alone and subtracted)."""
-                polls[0] += 1
-                return int(conn.hget(metrics_key, "jobs_finished") or 0)
-
-            burst(url, finished_jobs, 10_000)  # warm-up
-            # This machine's floor: the Redis CPU of one PING round trip (mostly the kernel's); and
-            # of one of the benchmark's polls.
-            ping_cpu = redis_cpu_per_call(conn, conn.ping)
-            poll_cpu = redis_cpu_per_call(conn, finished_jobs)
-            # Redis CPU of bursts, without MONITOR: the median of CPU_BURSTS (one burst is a few ms of
-            # Redis CPU on a machine whose noise is of that order), less the idle service's own CPU
-            # (Redis' timers and the service's heartbeats: about half of it on a small machine),
-            # measured between the bursts so that the machine's drift shows in both alike.
-            idle_cpu = idle_time = 0.0
-            burst_cpu, burst_time = [], []
+            for i, tree in enumerate(trees):
+                stacks.append(ServiceStack(Path(tmp) / str(i), jobs, steps, tree).start())
+            for stack in stacks:
+                stack.calibrate()
             for repeat in range(CPU_BURSTS):
-                time.sleep(1)  # the last burst's tail
-                cpu0, t0 = redis_cpu(conn), time.monotonic()
-                time.sleep(idle_s / CPU_BURSTS)
-                idle_cpu, idle_time = idle_cpu + redis_cpu(conn) - cpu0, idle_time + time.monotonic() - t0
-                done0 = finished_jobs()
-                cpu0, polls[0] = redis_cpu(conn), 0
-                burst_time.append(burst(url, lambda done0=done0: finished_jobs() - done0, 20_000 + 1000 * repeat))
-                burst_cpu.append(redis_cpu(conn) - cpu0 - poll_cpu * polls[0])
-            idle_cpu /= idle_time
-            per_burst = [c - idle_cpu * t for c, t in zip(burst_cpu, burst_time)]
-            cpu = statistics.median(per_burst)
-            # Commands: the idle service's own, then a burst's, with MONITOR.
-            counter = CommandCounter(server.url)
-            counter.start()
-            counter.ready.wait(10)
-            time.sleep(1)
-            s0, i0, _ = counter.read()
-            time.sleep(idle_s)
-            s1, i1, f1 = counter.read()
-            idle_sent, idle_script = (s1 - s0) / idle_s, (i1 - i0) / idle_s
-            elapsed = burst(url, lambda: counter.read()[2] - f1, 0)
-            s2, i2, _ = counter.read()
+                for stack in stacks:
+                    stack.measure_burst(idle_s / CPU_BURSTS, repeat)
+            results = [{**stack.result(), **stack.count_commands(idle_s)} for stack in stacks]
         finally:
-            procs.stop_all()
-            server.stop()
-    sent = (s2 - s1 - idle_sent * elapsed) / jobs
-    scripts = (i2 - i1 - idle_script * elapsed) / jobs
-    return {"jobs": jobs, "steps": steps, "sent_per_job": sent, "in_scripts_per_job": scripts,
-            "idle_sent_per_s": idle_sent, "idle_in_scripts_per_s": idle_script, "elapsed_s": elapsed,
-            "redis_cpu_ms_per_job": cpu / jobs * 1e3,
-            "redis_cpu_ms_per_job_range": [min(per_burst) / jobs * 1e3, max(per_burst) / jobs * 1e3],
-            "idle_redis_cpu_ms_per_s": idle_cpu * 1e3,
-            "ping_redis_cpu_us": ping_cpu * 1e6, "poll_redis_cpu_us": poll_cpu * 1e6}
+            for stack in stacks:
+                stack.stop()
+    if len(stacks) == 2:
+        ours, before = results
+        ratios = [a / b for a, b in zip(ours["redis_cpu_ms_per_job_bursts"], before["redis_cpu_ms_per_job_bursts"])]
+        ours["ratio_to_before"] = statistics.median(ratios)
+        ours["ratio_to_before_range"] = [min(ratios), max(ratios)]
+    return results
 
 
 # -- fleet: many simulated workers ------------------------------------------------------------------------
@@ -517,7 +560,9 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             server.stop()
     if args.mode in ("all", "service"):
-        r = out["service"] = run_service(args.burst, args.steps, args.idle_s)
+        trees = [REPO] + ([args.before.resolve()] if args.before else [])
+        results = run_service(args.burst, args.steps, args.idle_s, trees)
+        r = out["service"] = results[0]
         print(f"## Through the real service: a burst of {r['jobs']} one-image {r['steps']}-step jobs\n")
         print(f"Redis commands per job: {r['sent_per_job']:.1f} sent by clients + {r['in_scripts_per_job']:.1f} run "
               f"inside scripts (idle service: {r['idle_sent_per_s']:.1f} + {r['idle_in_scripts_per_s']:.1f} per second, "
@@ -528,12 +573,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['redis_cpu_ms_per_job'] * 1e3 / r['ping_redis_cpu_us']:.0f} PING round trips on this machine "
               f"({r['ping_redis_cpu_us']:.1f} us each); a burst took {r['elapsed_s']:.1f} s.\n", flush=True)
         if args.before:
-            b = out["service_before"] = run_service(args.burst, args.steps, args.idle_s, args.before.resolve())
+            b = out["service_before"] = results[1]
+            print(f"Side by side with `{args.before}`, burst for burst in turn (Redis CPU: the median of the "
+                  f"{CPU_BURSTS} per-burst ratios, {r['ratio_to_before_range'][0]:.2f}-{r['ratio_to_before_range'][1]:.2f}):\n")
             print("| per job | before | this version | ratio |")
             print("|---|---|---|---|")
-            for key, label in [("sent_per_job", "commands sent by clients"), ("in_scripts_per_job", "commands run in scripts"),
-                               ("redis_cpu_ms_per_job", "Redis CPU (ms)")]:
+            for key, label in [("sent_per_job", "commands sent by clients"), ("in_scripts_per_job", "commands run in scripts")]:
                 print(f"| {label} | {b[key]:.3g} | {r[key]:.3g} | {r[key] / b[key]:.2f} |")
+            print(f"| Redis CPU (ms) | {b['redis_cpu_ms_per_job']:.3g} | {r['redis_cpu_ms_per_job']:.3g} | "
+                  f"{r['ratio_to_before']:.2f} |")
             print()
     if args.mode in ("all", "fleet"):
         out["fleet"] = []

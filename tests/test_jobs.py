@@ -362,13 +362,18 @@ def test_the_janitor_deletes_expired_jobs_and_all_their_keys_and_files(jobs, tmp
 
 def test_the_reaper_waits_after_a_restart_or_a_failover(jobs):
     reaper = Reaper(jobs.redis, jobs.settings, holder="test")
+    ttl = jobs.settings.heartbeat_ttl_s
     jobs.redis.delete(jobs.keys.epoch)
-    assert reaper.paused()  # a server this service has not seen yet
-    jobs.redis.hset(jobs.keys.epoch, "since", 0)
-    assert not reaper.paused() or jobs.redis.info("server")["uptime_in_seconds"] < jobs.settings.heartbeat_ttl_s
-    jobs.redis.hset(jobs.keys.epoch, "run_id", "another-master")  # a replica was promoted
-    assert reaper.paused()
+    uptime = jobs.redis.info("server")["uptime_in_seconds"]
+    # The first server a service sees: no wait unless that server itself started within a TTL, and
+    # none after (it was recorded as the master since it started).
+    assert reaper.paused() == (uptime < ttl) and reaper.paused() == (uptime < ttl)
     assert jobs.redis.hget(jobs.keys.epoch, "run_id").decode() == jobs.redis.info("server")["run_id"]
+    jobs.redis.hset(jobs.keys.epoch, "run_id", "another-master")  # then a replica was promoted
+    assert reaper.paused() and reaper.paused()  # a TTL from now, whatever the new master's uptime
+    assert jobs.redis.hget(jobs.keys.epoch, "run_id").decode() == jobs.redis.info("server")["run_id"]
+    jobs.redis.hset(jobs.keys.epoch, "since", 0)  # ... a TTL ago
+    assert reaper.paused() == (uptime < ttl)
 
 
 def test_the_reaper_waits_after_redis_failed_it(jobs):

@@ -148,10 +148,17 @@ class Reaper:
         seconds, micros = self.redis.time()
         now = seconds + micros / 1e6
         seen = self.redis.hgetall(self.keys.epoch)
-        if seen.get(b"run_id", b"").decode() != run_id:
-            self.redis.hset(self.keys.epoch, mapping={"run_id": run_id, "since": repr(now)})
-            log.warning("Redis server %s is new to this service (a restart or a failover): the reaper waits %.0f s",
-                        run_id[:12], self.settings.heartbeat_ttl_s)
-            return True
-        since = float(seen.get(b"since", b"0"))
+        recorded = seen.get(b"run_id", b"").decode()
+        if recorded != run_id:
+            # The first server this service sees is the master since it started; a different one
+            # (a restart, or a replica promoted: its uptime says nothing of that) since now.
+            since = now if recorded else now - uptime
+            self.redis.hset(self.keys.epoch, mapping={"run_id": run_id, "since": repr(since)})
+            if recorded:
+                log.warning("Redis server %s replaced %s (a restart or a failover): the reaper waits %.0f s",
+                            run_id[:12], recorded[:12], self.settings.heartbeat_ttl_s)
+            else:
+                log.info("the reaper records Redis server %s (up %.0f s)", run_id[:12], uptime)
+        else:
+            since = float(seen.get(b"since", b"0"))
         return uptime < self.settings.heartbeat_ttl_s or now - since < self.settings.heartbeat_ttl_s
