@@ -89,7 +89,9 @@ class Counters:
     loops: int = 0
     reports: int = 0
     failures: int = 0
-    seconds_in_redis: float = 0.0
+    seconds_in_redis: float = 0.0  # in reports (one per engine step at most)
+    seconds_starting: float = 0.0  # in starting the jobs taken
+    seconds_waiting: float = 0.0  # idle, blocked on the wake-up lists
     steps: int = 0
 
 
@@ -382,7 +384,11 @@ class ControlLoop(threading.Thread):
             self._to_give_back += self._to_start
             self._to_start = []
             return
-        records = self.link.start(self._to_start, started_template(self.link.name).to_json())
+        started = time.perf_counter()
+        try:
+            records = self.link.start(self._to_start, started_template(self.link.name).to_json())
+        finally:
+            self.counters.seconds_starting += time.perf_counter() - started
         self._to_start = []
         for record in records:
             self._held[record.id] = Held(record)
@@ -410,11 +416,9 @@ class ControlLoop(threading.Thread):
             self._backoff()
             return
         finally:
-            self.counters.seconds_in_redis += time.perf_counter() - started
+            self.counters.seconds_waiting += time.perf_counter() - started
         if woken:
-            self._woken = True  # report now, taking the job
-        elif time.monotonic() >= self._next_beat:
-            pass  # the heartbeat is due: the report takes whatever is queued too
+            self._woken = True  # report now, taking the job (else the heartbeat, due, takes what is queued)
 
     def _try(self, call) -> bool:
         try:
