@@ -50,6 +50,7 @@ log = logging.getLogger("patchdiff.worker.control")
 STOP_TIMEOUT_S = 60.0  # after a stop, how long to wait for the sampling side to hand back and finish
 END_GATHER_S = 0.02  # a job's end waits this long for the ends of the jobs that finished with it (one report)
 IDLE_WAIT_MAX_S = 1.0  # an idle worker looks at its queues at least this often
+WAKE_GATHER_S = 0.02  # a woken idle worker waits this long for the jobs submitted with the first (one take)
 IDLE_WAIT_MIN_S = 0.05  # an idle worker blocks on its wake-up lists only when its heartbeat is further away
 
 
@@ -418,7 +419,10 @@ class ControlLoop(threading.Thread):
         finally:
             self.counters.seconds_waiting += time.perf_counter() - started
         if woken:
-            self._woken = True  # report now, taking the job (else the heartbeat, due, takes what is queued)
+            # Report now, taking the job (else the heartbeat, due, takes what is queued); a client's
+            # burst comes a few ms apart: a moment's wait takes it in one report and one start.
+            time.sleep(WAKE_GATHER_S)
+            self._woken = True
 
     def _try(self, call) -> bool:
         try:
