@@ -70,9 +70,16 @@ MIXED = [
 
 
 def test_mixed_concurrent_jobs_share_batches_and_match_the_cli(tmp_path, weights):
-    redis_server, procs, _, url, env = start(tmp_path, weights)
+    redis_server, procs, (worker,), url, env = start(tmp_path, weights)
     try:
-        ids = [httpx.post(url + "/generate", json={"model": "tiny", **r}).json()["id"] for r in MIXED]
+        # All four are queued before the worker looks (it is stopped meanwhile), so that its engine
+        # takes them together: an idle worker starts the first job it sees at once, and one that is
+        # sampling takes new jobs at its next report, by which time a job of the tiny model may be done.
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            ids = [httpx.post(url + "/generate", json={"model": "tiny", **r}).json()["id"] for r in MIXED]
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
         jobs = wait_all(url, ids)
         assert all(j["status"] == "finished" for j in jobs.values()), (jobs, procs.logs())
         # They ran side by side in one worker: their run times overlap.
