@@ -124,7 +124,7 @@ def test_cancel_inside_a_shared_batch_and_a_burst_behind_a_large_job(tmp_path, w
 def test_worker_killed_holding_several_jobs_all_finish_elsewhere(tmp_path, weights):
     redis_server, procs, (first,), url, env = start(tmp_path, weights)
     try:
-        ids = [httpx.post(url + "/generate", json={"model": "tiny", "num_images": 2, "timesteps": "300", "seed": s}).json()["id"]
+        ids = [httpx.post(url + "/generate", json={"model": "tiny", "num_images": 2, "timesteps": "1000", "seed": s}).json()["id"]
                for s in range(4)]
         wait_until(lambda: all(status(url, i)["status"] == "running" for i in ids), 60, "one worker to hold all jobs")
         assert {status(url, i)["worker"] for i in ids} == {status(url, ids[0])["worker"]}
