@@ -403,10 +403,11 @@ class ControlLoop(threading.Thread):
         self.stops.put(Stop(job_id, held.attempt, "superseded"))
 
     def _wait_for_work(self) -> None:
-        """Block until a job may be waiting (a wake-up token), the next heartbeat, or a stop."""
-        timeout = min(IDLE_WAIT_MAX_S, max(0.0, self._next_due() - time.monotonic()))
-        if timeout <= IDLE_WAIT_MIN_S or not self._mail.empty():
+        """Block until a job may be waiting (a wake-up token), the next heartbeat, or a stop. Called
+        only when `_waits_for_work()`: the heartbeat is more than IDLE_WAIT_MIN_S away."""
+        if not self._mail.empty():
             return
+        timeout = min(IDLE_WAIT_MAX_S, max(IDLE_WAIT_MIN_S, self._next_due() - time.monotonic()))  # never 0: forever
         keys = [self.link.keys.wake(m) for m in self.link.models]
         started = time.perf_counter()
         try:
